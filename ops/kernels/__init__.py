@@ -1,0 +1,20 @@
+"""Triton kernels of mesa_compile.ops (optional: Triton has Linux wheels only).
+
+HAS_TRITON tells whether the kernels are importable; without Triton, chunk_fwd / chunk_bwd are None
+and the ops fall back to their aten implementations.
+"""
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+if HAS_TRITON:
+    from .chunk_cg import chunk_fwd
+else:
+    chunk_fwd = None
+
+__all__ = ["HAS_TRITON", "chunk_fwd"]
