@@ -13,8 +13,10 @@ except ImportError:
     HAS_TRITON = False
 
 if HAS_TRITON:
+    from .chunk_bwd import chunk_bwd
     from .chunk_cg import chunk_fwd
 else:
     chunk_fwd = None
+    chunk_bwd = None
 
-__all__ = ["HAS_TRITON", "chunk_fwd"]
+__all__ = ["HAS_TRITON", "chunk_bwd", "chunk_fwd"]
