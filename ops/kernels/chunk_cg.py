@@ -194,8 +194,9 @@ def _use_fp16_split() -> bool:
 
 
 def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb,
-                    chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool) -> None:
-    """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel)."""
+                    chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool, num_warps: int | None = None) -> None:
+    """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel).
+    num_warps: None picks the default (8 for K > 64, else 4); benchmarks pass others."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
@@ -208,7 +209,7 @@ def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlam
         T, H, K, V, NT, cg_steps, cg_tol,
         C=chunk_size, BK=BK, BV=BV, BWD=bwd,
         K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt, SPLIT_FP16=split_fp16,
-        num_warps=8 if BK >= 128 else 4,
+        num_warps=num_warps or (8 if BK >= 128 else 4),
     )
 
 

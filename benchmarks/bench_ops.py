@@ -1,0 +1,152 @@
+"""Chunkwise MesaNet kernels vs flash-linear-attention (fla) on one GPU: forward and forward+backward.
+
+Writes <out>/bench_ops.json and <out>/bench_ops.md (one process, card name, torch/triton versions).
+Ours: mesa_compile.ops.kernels.chunk_fwd / chunk_bwd on pre-normalised q, k (the op's L2-norm is
+a separate cheap aten step, timed apart as "l2norm"); fla: chunk_mesa_net with its in-kernel L2-norm.
+Usage: python benchmarks/bench_ops.py [--out DIR] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from mesa_compile.ops import reference as ref
+from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
+from mesa_compile.ops.kernels.chunk_cg import _chunk_cg_kernel, launch_chunk_cg
+from mesa_compile.ops.kernels.chunk_states import chunk_state_pass
+
+
+def make(B, T, H, D, device="cuda"):
+    q = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+    k = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+    v = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+    g = F.logsigmoid(torch.randn(B, T, H, device=device) + 3.0)
+    beta = torch.rand(B, T, H, device=device)
+    lamb = torch.rand(H, D, device=device) + 0.25
+    return q, k, v, g, beta, lamb
+
+
+def fwd_variant(q, k, v, g, beta, lamb, h_kk, h_kv, C, steps, warps):
+    """chunk_fwd with an explicit CG-kernel warp count (tuning)."""
+    B, T, H, K = q.shape
+    hs, _ = chunk_state_pass(k, k, g, beta, h_kk, C, False, 1.0, False)
+    gs, _ = chunk_state_pass(k, v, g, beta, h_kv, C, False, 1.0, False)
+    x = torch.empty(B, T, H, K, device=q.device)
+    o = torch.empty_like(v)
+    st = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
+    launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, st, o, x, g, lamb, C, steps, 0.0, False, warps)
+    return o
+
+
+def ms(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--quick", action="store_true", help="one shape only")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        from fla.ops.mesa_net import chunk_mesa_net
+    except ImportError:
+        chunk_mesa_net = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                commit=commit, fla=chunk_mesa_net is not None)
+    rows = []
+    shapes = [(8, 2048, 16, 128)] if a.quick else [(8, 2048, 16, 128), (4, 4096, 16, 128), (8, 2048, 16, 64)]
+    for B, T, H, D in shapes:
+        q, k, v, g, beta, lamb = make(B, T, H, D)
+        qn, kn = ref.l2_normalize(q).bfloat16(), ref.l2_normalize(k).bfloat16()
+        z_kk = torch.zeros(B, H, D, D, device="cuda")
+        z_kv = torch.zeros(B, H, D, D, device="cuda")
+        do = torch.randn_like(v)
+        for steps in (30, 10):
+            row = dict(B=B, T=T, H=H, D=D, cg=steps)
+            row["l2norm_ms"] = ms(lambda: (ref.l2_normalize(q).bfloat16(), ref.l2_normalize(k).bfloat16()))
+            row["ours_fwd_ms"] = ms(lambda: chunk_fwd(qn, kn, v, g, beta, lamb, z_kk, z_kv, 64, steps, 0.0))
+
+            def ours_fb():
+                o, x, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z_kk, z_kv, 64, steps, 0.0)
+                chunk_bwd(qn, kn, v, g, beta, lamb, z_kk, z_kv, x, do, z_kk, z_kv, 64, steps, 0.0)
+
+            row["ours_fwdbwd_ms"] = ms(ours_fb)
+            if (B, T, H, D) == shapes[0]:
+                for C, w in ((64, 4), (32, 4), (32, 8)):
+                    row[f"ours_fwd_C{C}_w{w}_ms"] = ms(
+                        lambda: fwd_variant(qn, kn, v, g, beta, lamb, z_kk, z_kv, C, steps, w))
+            if chunk_mesa_net is not None:
+                row["fla_fwd_ms"] = ms(lambda: chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=steps,
+                                                              use_qk_l2norm_in_kernel=True))
+                leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, lamb)]
+
+                def fla_fb():
+                    o = chunk_mesa_net(*leaves, max_CG_iteration=steps, use_qk_l2norm_in_kernel=True)[0]
+                    o.backward(do)
+
+                row["fla_fwdbwd_ms"] = ms(fla_fb)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    # accuracy vs the exact solve (ill-conditioned keys), ours and fla, bf16, 30 steps
+    acc = []
+    for corr, bias in ((0.0, 3.0), (3.0, 6.0)):
+        torch.manual_seed(0)
+        B, T, H, D = 1, 1024, 4, 128
+        q, k, v, g, beta, lamb = make(B, T, H, D)
+        u = torch.randn(1, 1, H, D, device="cuda")
+        k = (corr * u + torch.randn_like(k.float())).bfloat16()
+        g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + bias)
+        lamb = torch.full_like(lamb, 0.25)
+        qn, kn = ref.l2_normalize(q).bfloat16(), ref.l2_normalize(k).bfloat16()
+        z = torch.zeros(B, H, D, D, device="cuda")
+        exact = ref.exact_recurrence(qn.double(), kn.double(), v.double(), g.double(), beta.double(),
+                                     lamb.double(), z.double(), z.double())[0]
+        o, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, z, 64, 30, 0.0)
+        r = dict(corr=corr, gate_bias=bias, ours=((o.double() - exact).norm() / exact.norm()).item(),
+                 ours_vs_rounded=((o.double() - exact.bfloat16().double()).norm() / exact.norm()).item(),
+                 bf16_rounding=((exact.bfloat16().double() - exact).norm() / exact.norm()).item())
+        if chunk_mesa_net is not None:
+            of = chunk_mesa_net(qn, kn, v, g, beta, lamb, max_CG_iteration=30)[0]
+            r["fla"] = ((of.double() - exact).norm() / exact.norm()).item()
+        acc.append(r)
+        print(json.dumps(r), flush=True)
+    regs = []
+    for dev_cache in getattr(_chunk_cg_kernel, "device_caches", {}).values():
+        for kern in dev_cache[0].values():
+            regs.append(dict(n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None),
+                             shared=getattr(kern, "metadata", None) and kern.metadata.shared))
+    meta["cg_kernel_resources"] = regs
+    (out / "bench_ops.json").write_text(json.dumps(dict(meta=meta, timings=rows, accuracy=acc), indent=1))
+    lines = [f"# bench_ops: {meta['card']}, torch {meta['torch']}, triton {meta['triton']}, commit {commit}", "",
+             "| B | T | H | D | CG | ours fwd ms | fla fwd ms | ours fwd+bwd ms | fla fwd+bwd ms | l2norm ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['cg']} | {r['ours_fwd_ms']:.2f} | "
+                     f"{r.get('fla_fwd_ms', float('nan')):.2f} | {r['ours_fwdbwd_ms']:.2f} | "
+                     f"{r.get('fla_fwdbwd_ms', float('nan')):.2f} | {r['l2norm_ms']:.3f} |")
+    lines += ["", "| key corr | gate bias | ours rel err | ours vs exact rounded to bf16 | bf16 rounding | fla |",
+              "|---|---|---|---|---|---|"]
+    for r in acc:
+        lines.append(f"| {r['corr']} | {r['gate_bias']} | {r['ours']:.2e} | {r['ours_vs_rounded']:.2e} | "
+                     f"{r['bf16_rounding']:.2e} | {r.get('fla', float('nan')):.2e} |")
+    (out / "bench_ops.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
