@@ -15,8 +15,10 @@ except ImportError:
 if HAS_TRITON:
     from .chunk_bwd import chunk_bwd
     from .chunk_cg import chunk_fwd
+    from .decode import decode_step
 else:
     chunk_fwd = None
     chunk_bwd = None
+    decode_step = None
 
-__all__ = ["HAS_TRITON", "chunk_bwd", "chunk_fwd"]
+__all__ = ["HAS_TRITON", "chunk_bwd", "chunk_fwd", "decode_step"]
