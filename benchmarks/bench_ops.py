@@ -67,42 +67,32 @@ def main():
         commit = "?"
     meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=commit, fla=chunk_mesa_net is not None)
-    rows = []
+    rows, acc = [], []
     shapes = [(8, 2048, 16, 128)] if a.quick else [(8, 2048, 16, 128), (4, 4096, 16, 128), (8, 2048, 16, 64)]
+    inputs = {}
     for B, T, H, D in shapes:
         q, k, v, g, beta, lamb = make(B, T, H, D)
         qn, kn = ref.l2_normalize(q).bfloat16(), ref.l2_normalize(k).bfloat16()
-        z_kk = torch.zeros(B, H, D, D, device="cuda")
-        z_kv = torch.zeros(B, H, D, D, device="cuda")
+        z = torch.zeros(B, H, D, D, device="cuda")
         do = torch.randn_like(v)
+        inputs[(B, T, H, D)] = (q, k, v, g, beta, lamb, do)
         for steps in (30, 10):
             row = dict(B=B, T=T, H=H, D=D, cg=steps)
             row["l2norm_ms"] = ms(lambda: (ref.l2_normalize(q).bfloat16(), ref.l2_normalize(k).bfloat16()))
-            row["ours_fwd_ms"] = ms(lambda: chunk_fwd(qn, kn, v, g, beta, lamb, z_kk, z_kv, 64, steps, 0.0))
+            row["ours_fwd_ms"] = ms(lambda: chunk_fwd(qn, kn, v, g, beta, lamb, z, z, 64, steps, 0.0))
 
             def ours_fb():
-                o, x, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z_kk, z_kv, 64, steps, 0.0)
-                chunk_bwd(qn, kn, v, g, beta, lamb, z_kk, z_kv, x, do, z_kk, z_kv, 64, steps, 0.0)
+                o, x, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, z, 64, steps, 0.0)
+                chunk_bwd(qn, kn, v, g, beta, lamb, z, z, x, do, z, z, 64, steps, 0.0)
 
             row["ours_fwdbwd_ms"] = ms(ours_fb)
             if (B, T, H, D) == shapes[0]:
-                for C, w in ((64, 4), (32, 4), (32, 8)):
-                    row[f"ours_fwd_C{C}_w{w}_ms"] = ms(
-                        lambda: fwd_variant(qn, kn, v, g, beta, lamb, z_kk, z_kv, C, steps, w))
-            if chunk_mesa_net is not None:
-                row["fla_fwd_ms"] = ms(lambda: chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=steps,
-                                                              use_qk_l2norm_in_kernel=True))
-                leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, lamb)]
-
-                def fla_fb():
-                    o = chunk_mesa_net(*leaves, max_CG_iteration=steps, use_qk_l2norm_in_kernel=True)[0]
-                    o.backward(do)
-
-                row["fla_fwdbwd_ms"] = ms(fla_fb)
+                for C, w in ((64, 4), (32, 4)):
+                    row[f"ours_fwd_C{C}_w{w}_ms"] = ms(lambda: fwd_variant(qn, kn, v, g, beta, lamb, z, z, C, steps, w))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    # accuracy vs the exact solve (ill-conditioned keys), ours and fla, bf16, 30 steps
-    acc = []
+    write(out, meta, rows, acc)
+    # accuracy vs the exact solve (random and ill-conditioned keys), bf16, 30 steps
     for corr, bias in ((0.0, 3.0), (3.0, 6.0)):
         torch.manual_seed(0)
         B, T, H, D = 1, 1024, 4, 128
@@ -116,36 +106,56 @@ def main():
         exact = ref.exact_recurrence(qn.double(), kn.double(), v.double(), g.double(), beta.double(),
                                      lamb.double(), z.double(), z.double())[0]
         o, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, z, 64, 30, 0.0)
-        r = dict(corr=corr, gate_bias=bias, ours=((o.double() - exact).norm() / exact.norm()).item(),
-                 ours_vs_rounded=((o.double() - exact.bfloat16().double()).norm() / exact.norm()).item(),
-                 bf16_rounding=((exact.bfloat16().double() - exact).norm() / exact.norm()).item())
+        r = dict(corr=corr, gate_bias=bias, ours=relerr(o, exact), ours_vs_rounded=relerr(o, exact.bfloat16(), exact),
+                 bf16_rounding=relerr(exact.bfloat16(), exact))
         if chunk_mesa_net is not None:
-            of = chunk_mesa_net(qn, kn, v, g, beta, lamb, max_CG_iteration=30)[0]
-            r["fla"] = ((of.double() - exact).norm() / exact.norm()).item()
+            r["fla"] = relerr(chunk_mesa_net(qn, kn, v, g, beta, lamb, max_CG_iteration=30)[0], exact)
         acc.append(r)
         print(json.dumps(r), flush=True)
-    regs = []
-    for dev_cache in getattr(_chunk_cg_kernel, "device_caches", {}).values():
-        for kern in dev_cache[0].values():
-            regs.append(dict(n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None),
-                             shared=getattr(kern, "metadata", None) and kern.metadata.shared))
-    meta["cg_kernel_resources"] = regs
+    meta["cg_kernel_resources"] = [
+        dict(n_regs=getattr(kern, "n_regs", None), n_spills=getattr(kern, "n_spills", None))
+        for dev_cache in getattr(_chunk_cg_kernel, "device_caches", {}).values() for kern in dev_cache[0].values()]
+    write(out, meta, rows, acc)
+    if chunk_mesa_net is None:
+        return
+    for row in rows:
+        q, k, v, g, beta, lamb, do = inputs[(row["B"], row["T"], row["H"], row["D"])]
+        steps = row["cg"]
+        row["fla_fwd_ms"] = ms(lambda: chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=steps,
+                                                      use_qk_l2norm_in_kernel=True))
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, lamb)]
+
+        def fla_fb():
+            o = chunk_mesa_net(*leaves, max_CG_iteration=steps, use_qk_l2norm_in_kernel=True)[0]
+            o.backward(do)
+
+        row["fla_fwdbwd_ms"] = ms(fla_fb)
+        print(json.dumps(row), flush=True)
+        write(out, meta, rows, acc)
+
+
+def relerr(a, b, scale=None):
+    return ((a.double() - b.double()).norm() / (b if scale is None else scale).double().norm()).item()
+
+
+def write(out, meta, rows, acc):
+    """JSON + markdown table (rewritten after every stage, so a cut-off run still leaves results)."""
     (out / "bench_ops.json").write_text(json.dumps(dict(meta=meta, timings=rows, accuracy=acc), indent=1))
-    lines = [f"# bench_ops: {meta['card']}, torch {meta['torch']}, triton {meta['triton']}, commit {commit}", "",
-             "| B | T | H | D | CG | ours fwd ms | fla fwd ms | ours fwd+bwd ms | fla fwd+bwd ms | l2norm ms |",
+    nan = float("nan")
+    lines = [f"# bench_ops: {meta['card']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
+             "", "| B | T | H | D | CG | ours fwd ms | fla fwd ms | ours fwd+bwd ms | fla fwd+bwd ms | l2norm ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['cg']} | {r['ours_fwd_ms']:.2f} | "
-                     f"{r.get('fla_fwd_ms', float('nan')):.2f} | {r['ours_fwdbwd_ms']:.2f} | "
-                     f"{r.get('fla_fwdbwd_ms', float('nan')):.2f} | {r['l2norm_ms']:.3f} |")
+                     f"{r.get('fla_fwd_ms', nan):.2f} | {r['ours_fwdbwd_ms']:.2f} | "
+                     f"{r.get('fla_fwdbwd_ms', nan):.2f} | {r['l2norm_ms']:.3f} |")
     lines += ["", "| key corr | gate bias | ours rel err | ours vs exact rounded to bf16 | bf16 rounding | fla |",
               "|---|---|---|---|---|---|"]
     for r in acc:
         lines.append(f"| {r['corr']} | {r['gate_bias']} | {r['ours']:.2e} | {r['ours_vs_rounded']:.2e} | "
-                     f"{r['bf16_rounding']:.2e} | {r.get('fla', float('nan')):.2e} |")
+                     f"{r['bf16_rounding']:.2e} | {r.get('fla', nan):.2e} |")
     (out / "bench_ops.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(json.dumps(meta))
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_cg import _use_fp16_split, launch_chunk_cg
+from .chunk_cg import RESIDENT_K_MAX, _use_fp16_split, chunk_len, launch_chunk_cg
 from .chunk_common import mm, mm_pre, split_hi, split_lo
 from .chunk_states import chunk_state_pass
 
@@ -37,8 +37,9 @@ def _chunk_grad_kernel(
     dk_ptr,  # (B, T, H, K) out
     dv_ptr,  # (B, T, H, V) out
     dbeta_ptr,  # (B, T, H) fp32 out
+    scr_ptr,  # (NT * B * H, 2, C, BK) fp32 scratch (used when HB < BK)
     T, H, K, V, NT,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HB: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -85,13 +86,28 @@ def _chunk_grad_kernel(
     ku = mm_pre(k_hi, k_lo, tl.trans(u_hi), tl.trans(u_lo), K_EXACT, False) * wdec
     kx_hi = split_hi(kx, SPLIT_FP16)
     kx_lo = split_lo(kx, kx_hi, SPLIT_FP16)
-    dh = tl.load(dhe_ptr + hbase + ik[:, None] * K + ik[None, :], mask=km[:, None] & km[None, :],
-                 other=0.0)  # (BK, BK)
-    dh_hi = split_hi(dh, SPLIT_FP16)
-    dh_lo = split_lo(dh, dh_hi, SPLIT_FP16)
-    r1 = mm_pre(ke_hi, ke_lo, tl.trans(dh_hi), tl.trans(dh_lo), False, False)
-    r1 -= mm_pre(kx_hi, kx_lo, u_hi, u_lo, False, False)  # (C, BK)
-    r2 = mm_pre(ke_hi, ke_lo, dh_hi, dh_lo, False, False) - mm(ku, x, False, False, SPLIT_FP16)
+    if HB == BK:
+        dh = tl.load(dhe_ptr + hbase + ik[:, None] * K + ik[None, :], mask=km[:, None] & km[None, :],
+                     other=0.0)  # (BK, BK)
+        dh_hi = split_hi(dh, SPLIT_FP16)
+        dh_lo = split_lo(dh, dh_hi, SPLIT_FP16)
+        r1 = mm_pre(ke_hi, ke_lo, tl.trans(dh_hi), tl.trans(dh_lo), False, False)  # (C, BK)
+        r2 = mm_pre(ke_hi, ke_lo, dh_hi, dh_lo, False, False)
+    else:
+        # K > 128: DH streamed in column / row blocks, the (C, BK) products meet in scratch
+        scr = scr_ptr + (pid_c * tl.num_programs(1) + pid_bh).to(tl.int64) * 2 * C * BK
+        for j0 in tl.static_range(0, BK, HB):
+            jj = j0 + tl.arange(0, HB)
+            jm = km[:, None] & (jj < K)[None, :]
+            dcol = tl.load(dhe_ptr + hbase + ik[:, None] * K + jj[None, :], mask=jm, other=0.0)  # DH[:, j]
+            drow = tl.load(dhe_ptr + hbase + jj[None, :] * K + ik[:, None], mask=jm, other=0.0)  # DH[j, :]^T
+            tl.store(scr + rows[:, None] * BK + jj[None, :], mm(ke, drow, False, False, SPLIT_FP16))
+            tl.store(scr + (C + rows[:, None]) * BK + jj[None, :], mm(ke, dcol, False, False, SPLIT_FP16))
+        tl.debug_barrier()
+        r1 = tl.load(scr + rows[:, None] * BK + ik[None, :])
+        r2 = tl.load(scr + (C + rows[:, None]) * BK + ik[None, :])
+    r1 -= mm_pre(kx_hi, kx_lo, u_hi, u_lo, False, False)
+    r2 -= mm(ku, x, False, False, SPLIT_FP16)
 
     vdo = tl.zeros([C, C], dtype=tl.float32)
     r3 = tl.zeros([C, BK], dtype=tl.float32)
@@ -135,7 +151,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = chunk_size
+    C = chunk_len(chunk_size, K)
     NT = triton.cdiv(T, C)
     split_fp16 = _use_fp16_split()
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
@@ -163,9 +179,11 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(64, triton.next_power_of_2(V)))
+    HB = BK if BK <= RESIDENT_K_MAX else 64
+    scr = torch.empty(NT * B * H * 2 * C * BK if HB < BK else 1, device=k.device, dtype=torch.float32)
     torch.library.wrap_triton(_chunk_grad_kernel)[(NT, B * H)](
-        k, v, g32, b32, x, u, do, dhe, dge, dk, dv, dbeta, T, H, K, V, NT,
-        C=C, BK=BK, BV=BV, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
+        k, v, g32, b32, x, u, do, dhe, dge, dk, dv, dbeta, scr, T, H, K, V, NT,
+        C=C, BK=BK, BV=BV, HB=HB, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
         SPLIT_FP16=split_fp16, num_warps=8 if BK >= 128 else 4,
     )
 

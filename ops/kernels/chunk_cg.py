@@ -21,17 +21,47 @@ import triton.language as tl
 from .chunk_common import mm, mm_pre, split_hi, split_lo
 from .chunk_states import chunk_state_pass
 
+# Largest (padded) key size whose K x K state tiles stay on chip (hi + lo bf16 operands: 64 KiB at
+# 128; at 256 the CG kernel asks for 368 KiB of shared memory, measured on an H200 where 227 KiB fit).
+RESIDENT_K_MAX = 128
+
+
+def chunk_len(chunk_size: int, K: int) -> int:
+    """Chunk length the kernels use: at most 32 when K > RESIDENT_K_MAX (register pressure);
+    the result does not depend on it beyond rounding."""
+    return chunk_size if triton.next_power_of_2(K) <= RESIDENT_K_MAX else min(chunk_size, 32)
+
 
 @triton.jit
-def _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
-            K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
-    """A(P) for the (C, BK) block P of search directions, fp32 out (3-pass split products)."""
+def _ph_blocked(p_hi, p_lo, h_ptr, scr_ptr, K, rows, ik, km,
+                BK: tl.constexpr, HB: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """P @ H_c with H_c streamed from memory in (BK, HB) column blocks (K > 128: H_c does not fit on
+    chip); the blocks of the (C, BK) result meet in a per-program scratch tile."""
+    tl.debug_barrier()  # earlier reads of the scratch tile are done
+    for j0 in tl.static_range(0, BK, HB):
+        jj = j0 + tl.arange(0, HB)
+        hb = tl.load(h_ptr + ik[:, None] * K + jj[None, :], mask=km[:, None] & (jj < K)[None, :], other=0.0)
+        hb_hi = split_hi(hb, SPLIT_FP16)
+        wb = mm_pre(p_hi, p_lo, hb_hi, split_lo(hb, hb_hi, SPLIT_FP16), False, False)  # (C, HB)
+        tl.store(scr_ptr + rows[:, None] * BK + jj[None, :], wb)
+    tl.debug_barrier()
+    return tl.load(scr_ptr + rows[:, None] * BK + ik[None, :])
+
+
+@triton.jit
+def _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, h_ptr, scr_ptr, K, rows, ik, km,
+            BK: tl.constexpr, HB: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """A(P) for the (C, BK) block P of search directions, fp32 out (3-pass split products).
+    HB == BK: H_c resident on chip (h_hi, h_lo); else streamed by column blocks of HB."""
     p_hi = split_hi(p, SPLIT_FP16)
     p_lo = split_lo(p, p_hi, SPLIT_FP16)
     s = mm_pre(p_hi, p_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
     s_hi = split_hi(s, SPLIT_FP16)
     w = mm_pre(s_hi, split_lo(s, s_hi, SPLIT_FP16), k_hi, k_lo, False, K_EXACT)  # (C, BK)
-    w += eb[:, None] * mm_pre(p_hi, p_lo, h_hi, h_lo, False, False)  # (C, BK)
+    if HB == BK:
+        w += eb[:, None] * mm_pre(p_hi, p_lo, h_hi, h_lo, False, False)
+    else:
+        w += eb[:, None] * _ph_blocked(p_hi, p_lo, h_ptr, scr_ptr, K, rows, ik, km, BK, HB, SPLIT_FP16)
     return w + p * lamb[None, :]
 
 
@@ -52,8 +82,9 @@ def _chunk_cg_kernel(
     u_ptr,  # (B, T, H, K) fp32 bwd out
     dc_ptr,  # (B, T, H) fp32 bwd out
     dlamb_ptr,  # (B, NT, H, K) fp32 bwd out
+    scr_ptr,  # (NT * B * H, C, BK) fp32 scratch (used when HB < BK)
     T, H, K, V, NT, cg_steps, cg_tol,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BWD: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HB: tl.constexpr, BWD: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -92,10 +123,15 @@ def _chunk_cg_kernel(
         k_lo = split_lo(kf, k_hi, SPLIT_FP16)
     kt_hi = tl.trans(k_hi)
     kt_lo = tl.trans(k_lo)
-    hmask = km[:, None] & km[None, :]
-    hc = tl.load(hs_ptr + hbase + ik[:, None] * K + ik[None, :], mask=hmask, other=0.0)  # (BK, BK)
-    h_hi = split_hi(hc, SPLIT_FP16)
-    h_lo = split_lo(hc, h_hi, SPLIT_FP16)
+    scr = scr_ptr + (pid_c * tl.num_programs(1) + pid_bh).to(tl.int64) * C * BK
+    if HB == BK:
+        hc = tl.load(hs_ptr + hbase + ik[:, None] * K + ik[None, :], mask=km[:, None] & km[None, :],
+                     other=0.0)  # (BK, BK)
+        h_hi = split_hi(hc, SPLIT_FP16)
+        h_lo = split_lo(hc, h_hi, SPLIT_FP16)
+    else:
+        h_hi = k_hi  # unused placeholders: H_c is streamed
+        h_lo = k_lo
     hdiag = tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0)  # (BK,)
     diag = eb[:, None] * hdiag[None, :] + mm(mdec, kf * kf, False, False, SPLIT_FP16)
     diag = diag + lamb[None, :]  # (C, BK)
@@ -124,7 +160,8 @@ def _chunk_cg_kernel(
 
     # CG with Jacobi x0
     x = rhs / diag
-    r = rhs - _matvec(x, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+    r = rhs - _matvec(x, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, hs_ptr + hbase, scr, K, rows, ik, km,
+                   BK, HB, K_EXACT, SPLIT_FP16)
     p = r
     d = tl.sum(r * r, 1)  # (C,)
     d0 = d
@@ -133,7 +170,8 @@ def _chunk_cg_kernel(
     it = 0
     n_active = tl.sum(active.to(tl.int32), 0)
     while (it < cg_steps) & (n_active > 0):
-        w = _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+        w = _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, hs_ptr + hbase, scr, K, rows, ik, km,
+                   BK, HB, K_EXACT, SPLIT_FP16)
         pw = tl.sum(p * w, 1)
         ok = active & (pw > 0) & (pw < float("inf"))
         alpha = tl.where(ok, d / tl.where(ok, pw, 1.0), 0.0)
@@ -153,7 +191,8 @@ def _chunk_cg_kernel(
 
     if BWD:
         tl.store(u_ptr + tok[:, None] * K + ik[None, :], x, mask=ck)
-        hx = _matvec(xq, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+        hx = _matvec(xq, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, hs_ptr + hbase, scr, K, rows, ik, km,
+                   BK, HB, K_EXACT, SPLIT_FP16)
         hx = hx - xq * lamb[None, :]  # H_t x_t
         dc = tl.sum(xq * rhs - x * hx, 1)
         tl.store(dc_ptr + tok, dc, mask=tm)
@@ -204,10 +243,12 @@ def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlam
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(64, triton.next_power_of_2(V)))
+    HB = BK if BK <= RESIDENT_K_MAX else 64
+    scr = torch.empty(NT * B * H * chunk_size * BK if HB < BK else 1, device=k.device, dtype=torch.float32)
     torch.library.wrap_triton(_chunk_cg_kernel)[(NT, B * H)](
-        q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb,
+        q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb, scr,
         T, H, K, V, NT, cg_steps, cg_tol,
-        C=chunk_size, BK=BK, BV=BV, BWD=bwd,
+        C=chunk_size, BK=BK, BV=BV, HB=HB, BWD=bwd,
         K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt, SPLIT_FP16=split_fp16,
         num_warps=num_warps or (8 if BK >= 128 else 4),
     )
@@ -225,6 +266,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
+    chunk_size = chunk_len(chunk_size, K)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g32 = g.float().contiguous()
     b32 = beta.float().contiguous()
