@@ -160,8 +160,8 @@ def _chunk_cg_kernel(
 
     # CG with Jacobi x0
     x = rhs / diag
-    r = rhs - _matvec(x, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, hs_ptr + hbase, scr, K, rows, ik, km,
-                   BK, HB, K_EXACT, SPLIT_FP16)
+    r = rhs - _matvec(x, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
+                   hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
     p = r
     d = tl.sum(r * r, 1)  # (C,)
     d0 = d
@@ -170,8 +170,8 @@ def _chunk_cg_kernel(
     it = 0
     n_active = tl.sum(active.to(tl.int32), 0)
     while (it < cg_steps) & (n_active > 0):
-        w = _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, hs_ptr + hbase, scr, K, rows, ik, km,
-                   BK, HB, K_EXACT, SPLIT_FP16)
+        w = _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
+                   hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
         pw = tl.sum(p * w, 1)
         ok = active & (pw > 0) & (pw < float("inf"))
         alpha = tl.where(ok, d / tl.where(ok, pw, 1.0), 0.0)
@@ -191,8 +191,8 @@ def _chunk_cg_kernel(
 
     if BWD:
         tl.store(u_ptr + tok[:, None] * K + ik[None, :], x, mask=ck)
-        hx = _matvec(xq, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, hs_ptr + hbase, scr, K, rows, ik, km,
-                   BK, HB, K_EXACT, SPLIT_FP16)
+        hx = _matvec(xq, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
+                   hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
         hx = hx - xq * lamb[None, :]  # H_t x_t
         dc = tl.sum(xq * rhs - x * hx, 1)
         tl.store(dc_ptr + tok, dc, mask=tm)
@@ -233,7 +233,8 @@ def _use_fp16_split() -> bool:
 
 
 def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb,
-                    chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool, num_warps: int | None = None) -> None:
+                    chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
+                    num_warps: int | None = None) -> None:
     """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel).
     num_warps: None picks the default (8 for K > 64, else 4); benchmarks pass others."""
     B, T, H, K = k.shape
