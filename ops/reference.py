@@ -48,8 +48,8 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _is_symbolic(t: Tensor) -> bool:
-    """True while tracing (compile, export, fake tensors): no host sync is allowed then."""
-    return torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor)
+    """True while tracing (compile, export, fake or functional tensors): no host sync then."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,12 +155,11 @@ def _to_chunks(x: Tensor, chunk_size: int, dtype: torch.dtype) -> Tensor:
     Zero padding is neutral: beta = 0 and g = 0 leave the state as it is, q = 0 solves to x = 0.
     """
     B, T, H = x.shape[:3]
-    pad = (-T) % chunk_size
-    x = x.to(dtype)
-    if pad:
-        x = F.pad(x, [0, 0] * (x.dim() - 2) + [0, pad])
-    x = x.reshape(B, (T + pad) // chunk_size, chunk_size, H, *x.shape[3:])
-    return x.movedim(3, 1)
+    # NOTE: N = ceil(T / C) and pad = N C - T, not pad = (-T) % C: with a symbolic T the Mod form
+    # made every later shape guard slow (symbolic tracing of one chunk pass: 77 s -> see tests).
+    n = (T + chunk_size - 1) // chunk_size
+    x = F.pad(x.to(dtype), [0, 0] * (x.dim() - 2) + [0, n * chunk_size - T])
+    return x.reshape(B, n, chunk_size, H, *x.shape[3:]).movedim(3, 1)
 
 
 def _from_chunks(x: Tensor, T: int) -> Tensor:
