@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
 
 from mesa_compile import cli, doctor
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -82,3 +86,28 @@ def test_doctor_exits_1_when_a_check_fails(monkeypatch, capsys):
     assert "mesa_net cpu (aten) forward" in out
     assert "skipped (--no-compile)" in out
     assert "FAILED: mesa_net cpu (aten) forward" in out
+
+
+def test_readme_usage_lines_match_the_parser(capsys):
+    names = [sub.name for sub in cli.SUBCOMMANDS]
+    documented = re.findall(rf"^mesa-compile (?:{'|'.join(names)})\b.*$", README.read_text(), re.MULTILINE)
+    assert any(line.startswith("mesa-compile doctor ") for line in documented)
+    for line in documented:
+        with pytest.raises(SystemExit):
+            cli.main([line.split()[1], "--help"])
+        usage = capsys.readouterr().out.split("\n\n")[0]  # "usage: mesa-compile NAME ...", maybe wrapped
+        assert " ".join(usage.split()[1:]) == line
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    assert len(blocks) == 2
+    ops_example, model_example = ({} for _ in blocks)
+    exec(compile(blocks[0], "README.md (ops example)", "exec"), ops_example)
+    exec(compile(blocks[1], "README.md (model example)", "exec"), model_example)
+    o, ref, steps = ops_example["o"], ops_example["ref"], ops_example["steps"]
+    assert o.shape == ref.shape == (2, 50, 2, 8) and steps.dtype == torch.int32
+    # cg_tol=1e-4 stops each token once its residual fell by 1e-4: o stays within 1e-3 of the exact solve.
+    assert ((o - ref).norm() / ref.norm()).item() < 1e-3
+    assert ops_example["o_next"].shape == (2, 2, 8)
+    assert model_example["logits"].shape == (2, 16, 256) and model_example["out"].shape == (2, 20)
