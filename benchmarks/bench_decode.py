@@ -125,10 +125,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if opts.sweep:
             splits = (1, 2, 4) if B == 1 else (1, 2) if B == 16 else (1,)
-            variants = [(True, nw, sp) for nw in (8, 16) for sp in splits] + [(False, 8, sp) for sp in splits]
-            for tile_t, nw, sp in variants:
-                t = graph_us(lambda: decode_step(*args, 30, 0.0, num_splits=sp, num_warps=nw, tile_t=tile_t))
-                sweep.append(dict(B=B, tile_t=tile_t, num_warps=nw, num_splits=sp, graph_us=t))
+            for nw, sp in [(nw, sp) for nw in (8, 16) for sp in splits]:
+                t = graph_us(lambda: decode_step(*args, 30, 0.0, num_splits=sp, num_warps=nw))
+                sweep.append(dict(B=B, num_warps=nw, num_splits=sp, graph_us=t))
                 print(json.dumps(sweep[-1]), flush=True)
             sweep.append(dict(B=B, cg=0, graph_us=graph_us(lambda: decode_step(*args, 0, 0.0))))
             print(json.dumps(sweep[-1]), flush=True)
@@ -152,8 +151,8 @@ def main() -> None:
         lines.append(f"| {r['corr']} | {r['ours_o']:.2e} | {r['ours_q_star']:.2e} | {r['bf16_rounding']:.2e} | "
                      f"{r.get('fla_o', nan):.2e} |")
     if sweep:
-        lines += ["", "| B | tile_t | num_warps | num_splits | graph us (30 CG) |", "|---|---|---|---|---|"]
-        lines += [f"| {s['B']} | {s.get('tile_t', '-')} | {s.get('num_warps', '-')} | {s.get('num_splits', 'cg=0')} | "
+        lines += ["", "| B | num_warps | num_splits | graph us (30 CG) |", "|---|---|---|---|"]
+        lines += [f"| {s['B']} | {s.get('num_warps', '-')} | {s.get('num_splits', 'cg=0')} | "
                   f"{s['graph_us']:.1f} |" for s in sweep]
     (opts.out / "bench_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -55,7 +55,6 @@ def _decode_step_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
     ROWS_PER_SPLIT: tl.constexpr, VBLOCKS_PER_SPLIT: tl.constexpr, RESIDENT: tl.constexpr,
-    TILE_T: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # b * H + h
     pid_s = tl.program_id(1)  # split index
@@ -81,21 +80,7 @@ def _decode_step_fwd_kernel(
     row_lo = pid_s * ROWS_PER_SPLIT
     rows_mine = mask_r & (offs_r >= row_lo) & (offs_r < row_lo + ROWS_PER_SPLIT)
 
-    if RESIDENT and TILE_T:
-        # NOTE: the tile holds H'^T (t[a, b] = H'[b, a]): memory is contiguous along a, so the lanes run
-        # along a and the matvec's reduction over b stays in-thread plus one cross-warp exchange, instead
-        # of 5 shuffle rounds per row. It computes H'^T p, which is H' p for the symmetric states this
-        # recurrence builds (H' is formed elementwise exactly as the reference does, then stored as is).
-        bk_c = beta * tl.load(k_ptr + pid_bh * K + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # (BK,)
-        t_mask = mask_r[:, None] & mask_c[None, :]
-        h_old = tl.load(h_base + offs_c[None, :] * K + offs_r[:, None], mask=t_mask, other=0.0)  # (BK, BK)
-        h_new = decay * h_old + k_r[:, None] * bk_c[None, :]  # (BK, BK): H'[b, a] = e^g H[b, a] + beta k_b k_a
-        cols_mine = mask_c & (offs_c >= row_lo) & (offs_c < row_lo + ROWS_PER_SPLIT)
-        tl.store(h_out_base + offs_c[None, :] * K + offs_r[:, None], h_new, mask=mask_r[:, None] & cols_mine[None, :])
-        diag = tl.sum(tl.where(offs_r[:, None] == offs_c[None, :], h_new, 0.0), axis=1)  # (BK,)
-        x = q / (diag + lam)
-        r = q - (tl.sum(h_new * x[None, :], axis=1) + lam * x)
-    elif RESIDENT:
+    if RESIDENT:
         k_c = tl.load(k_ptr + pid_bh * K + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # (BK,)
         h_old = tl.load(h_base + offs_r[:, None] * K + offs_c[None, :],
                         mask=mask_r[:, None] & mask_c[None, :], other=0.0)  # (BK, BK)
@@ -189,7 +174,6 @@ def decode_step(
     *,
     num_splits: int | None = None,
     num_warps: int | None = None,
-    tile_t: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Mesa decode token in one Triton launch (out of place; no input is modified).
 
@@ -232,7 +216,7 @@ def decode_step(
         o, q_star, h_kk_new, h_kv_new, steps,
         cg_steps, cg_tol,
         H=H, K=K, V=V, BK=BK, BV=BV, BC=STREAM_BC,
-        ROWS_PER_SPLIT=triton.cdiv(K, splits), VBLOCKS_PER_SPLIT=vblocks_per_split, RESIDENT=resident, TILE_T=tile_t,
+        ROWS_PER_SPLIT=triton.cdiv(K, splits), VBLOCKS_PER_SPLIT=vblocks_per_split, RESIDENT=resident,
         num_warps=num_warps,
     )
     return o, q_star, h_kk_new, h_kv_new, steps
