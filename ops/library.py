@@ -41,9 +41,7 @@ def _use_kernels(t: Tensor) -> bool:
 
 def _pick(name: str, t: Tensor):
     """The Triton launcher ``kernels.<name>`` when it applies to ``t``, else the aten reference."""
-    if _use_kernels(t) and hasattr(kernels, name):
-        return getattr(kernels, name)
-    return getattr(reference, name)
+    return getattr(kernels if _use_kernels(t) else reference, name)
 
 
 @_define_op(CHUNK_FWD, mutates_args=())
