@@ -205,7 +205,7 @@ def _chunk(k, v, g, beta, lamb, h_kk, h_kv, chunk_size: int, dtype: torch.dtype)
         k=k, v=v, beta=beta, log_decay=b, decay=b.exp(), mask=mask,
         lamb=lamb.to(dtype)[None, :, None, None, :],
         h_kk=h_kk_all[:, :, :-1], h_kv=h_kv_all[:, :, :-1],
-        h_kk_end=h_kk_all[:, :, -1], h_kv_end=h_kv_all[:, :, -1],
+        h_kk_end=h_kk_all[:, :, -1].contiguous(), h_kv_end=h_kv_all[:, :, -1].contiguous(),
         log_start=log_start,
     )  # fmt: skip
 
