@@ -79,10 +79,26 @@ def graph_us(fn, n: int = 10) -> float:
         return 1e3 * do_bench(graph.replay, warmup=25, rep=200, return_mode="median") / n
 
 
+def compiled_resources() -> list[dict]:
+    """Registers / spills / warps / constexprs of every compiled decode kernel (triton's in-process cache)."""
+    from mesa_compile.ops.kernels.decode import _decode_step_fwd_kernel as kern
+
+    out = []
+    try:
+        for cache in kern.device_caches.values():
+            for key, ck in cache[0].items():
+                ck._init_handles()
+                out.append(dict(key=str(key)[-160:], n_regs=ck.n_regs, n_spills=ck.n_spills,
+                                num_warps=ck.metadata.num_warps))
+    except Exception as exc:  # the cache layout differs between triton versions: report, don't fail
+        out.append(dict(error=repr(exc)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--sweep", action="store_true", help="also time num_warps x num_splits variants")
+    ap.add_argument("--sweep", action="store_true", help="also time tile chunking x num_warps variants")
     opts = ap.parse_args()
     opts.out.mkdir(parents=True, exist_ok=True)
     try:
@@ -124,16 +140,21 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         if opts.sweep:
-            splits = (1, 2, 4) if B == 1 else (1, 2) if B == 16 else (1,)
-            for nw, sp in [(nw, sp) for nw in (8, 16) for sp in splits]:
-                t = graph_us(lambda: decode_step(*args, 30, 0.0, num_splits=sp, num_warps=nw))
-                sweep.append(dict(B=B, num_warps=nw, num_splits=sp, graph_us=t))
+            for cols, nw in [(16, 8), (32, 8), (64, 8), (128, 8), (16, 16), (32, 16)]:
+                t = graph_us(lambda: decode_step(*args, 30, 0.0, num_warps=nw, cols=cols))
+                sweep.append(dict(B=B, cols=cols, num_warps=nw, graph_us=t))
+                print(json.dumps(sweep[-1]), flush=True)
+            if B == 1:
+                t = graph_us(lambda: decode_step(*args, 30, 0.0, num_splits=1))
+                sweep.append(dict(B=B, cols=32, num_warps=8, num_splits=1, graph_us=t))
                 print(json.dumps(sweep[-1]), flush=True)
             sweep.append(dict(B=B, cg=0, graph_us=graph_us(lambda: decode_step(*args, 0, 0.0))))
             print(json.dumps(sweep[-1]), flush=True)
 
+    kernels = compiled_resources()
+    print(json.dumps(kernels), flush=True)
     (opts.out / "bench_decode.json").write_text(json.dumps(dict(meta=meta, timings=rows, accuracy=acc,
-                                                                 sweep=sweep), indent=1))
+                                                                 sweep=sweep, kernels=kernels), indent=1))
     nan = float("nan")
     lines = [f"Card: {meta['card']}; torch {meta['torch']}, triton {meta['triton']}, commit {commit}; "
              f"H={H} K=V={K}, bf16 q/k/v, fp32 states; do_bench medians (us).", "",
@@ -150,10 +171,13 @@ def main() -> None:
     for r in acc:
         lines.append(f"| {r['corr']} | {r['ours_o']:.2e} | {r['ours_q_star']:.2e} | {r['bf16_rounding']:.2e} | "
                      f"{r.get('fla_o', nan):.2e} |")
+    lines += ["", "Compiled kernels: " + "; ".join(
+        f"{k.get('n_regs')} regs, {k.get('n_spills')} spill B, {k.get('num_warps')} warps" for k in kernels)]
     if sweep:
-        lines += ["", "| B | num_warps | num_splits | graph us (30 CG) |", "|---|---|---|---|"]
-        lines += [f"| {s['B']} | {s.get('num_warps', '-')} | {s.get('num_splits', 'cg=0')} | "
-                  f"{s['graph_us']:.1f} |" for s in sweep]
+        lines += ["", "| B | cols | num_warps | num_splits | graph us (30 CG) |", "|---|---|---|---|---|"]
+        lines += [f"| {s['B']} | {s.get('cols', '-')} | {s.get('num_warps', '-')} | "
+                  f"{s.get('num_splits', 'default' if 'cols' in s else 'cg=0')} | {s['graph_us']:.1f} |"
+                  for s in sweep]
     (opts.out / "bench_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

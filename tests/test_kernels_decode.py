@@ -196,6 +196,20 @@ def test_gpu_matches_reference(K, V, dtype, splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("K,cols,num_warps", [(128, 16, 8), (128, 64, 8), (128, 128, 8), (128, 32, 16), (96, 16, 4)])
+def test_gpu_tile_variants_match_reference(K, cols, num_warps):
+    """Other column chunkings / warp counts of the resident tile: same tolerances as the default."""
+    from mesa_compile.ops.kernels import decode_step
+
+    args = make_inputs(3, 4, K, K, torch.float32, "cuda")
+    got = decode_step(*args, 30, 0.0, cols=cols, num_warps=num_warps)
+    want = ref.decode_step(*[a.double() for a in args], 30, 0.0)
+    for name, a, b in zip(NAMES[:4], got[:4], want[:4]):
+        assert rel(a, b) <= (1e-6 if name.startswith("h_") else 1e-5), (name, rel(a, b))
+    assert (got[4] == 30).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("K", [64, 128])
 def test_gpu_ill_conditioned_vs_exact_solve(K):
     """cond(H' + lamb) ~ 1e2..1e3, 100 fp32 CG steps: q* within 1e-4 of the fp64 linalg.solve."""

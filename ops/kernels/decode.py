@@ -19,14 +19,30 @@ import triton.language as tl
 
 # Largest padded key size whose K x K state tile is kept in registers during the solve.
 RESIDENT_MAX_BK = 128
+# Columns of one chunk of the resident tile (see the kernel); the default is one chunk (COLS = BK).
+# NOTE: measured on an H200 (triton 3.6, K = 128, 8 warps, 30 CG steps): COLS = 128 takes 128 registers
+# per thread there (two programs per SM) and is the fastest at B = 1 / 16 / 128 (33.1 / 60.6 / 427 us);
+# COLS = 64 / 32 / 16 take 180-207 registers and are 1.3-2.1x slower (benchmarks/NOTES-decode.md).
+RESIDENT_COLS = 128
 # Column tile of the streamed matvec (BK == 256).
 STREAM_BC = 16
 
 
 @triton.jit
 def _dot(a, b):
-    """Full reduction of an elementwise product: (BK,) x (BK,) -> scalar."""
-    return tl.sum(a * b, axis=0)
+    """Full reduction of an elementwise product: (BK,) or (NA, COLS) -> scalar."""
+    ab = a * b
+    if len(ab.shape) == 2:
+        ab = tl.sum(ab, axis=1)  # NOTE: per axis; a full tl.sum first reshapes, which moves the layout
+    return tl.sum(ab, axis=0)
+
+
+@triton.jit
+def _apply_a_resident(h3, vec, lam, NA: tl.constexpr, BK: tl.constexpr, COLS: tl.constexpr):
+    """(H' + diag(lambda)) vec with H' resident as h3[a, i, c] = H'[i, a * COLS + c]: (NA, COLS) -> (NA, COLS)."""
+    acc = tl.sum(h3 * vec[:, None, :], axis=0)  # (BK, COLS), in-thread
+    w = tl.sum(acc, axis=1)  # (BK,) row-indexed: in-thread + shuffles over the COLS / 4 lanes of a row
+    return tl.reshape(w, (NA, COLS), can_reorder=True) + lam * vec
 
 
 @triton.jit
@@ -53,7 +69,7 @@ def _decode_step_fwd_kernel(
     o_ptr, qs_ptr, hkk_out_ptr, hkv_out_ptr, steps_ptr,  # outputs
     cg_steps, cg_tol,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, COLS: tl.constexpr, NA: tl.constexpr,
     ROWS_PER_SPLIT: tl.constexpr, VBLOCKS_PER_SPLIT: tl.constexpr, RESIDENT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # b * H + h
@@ -63,17 +79,12 @@ def _decode_step_fwd_kernel(
     cg_tol = tl.cast(cg_tol, tl.float32)
 
     offs_r = tl.arange(0, BK)
-    offs_c = tl.arange(0, BK)
     mask_r = offs_r < K
-    mask_c = offs_c < K
 
     decay = tl.exp(tl.load(g_ptr + pid_bh).to(tl.float32))  # e^g, scalar
     beta = tl.load(beta_ptr + pid_bh).to(tl.float32)
-    q = tl.load(q_ptr + pid_bh * K + offs_r, mask=mask_r, other=0.0).to(tl.float32)  # (BK,)
     k_r = tl.load(k_ptr + pid_bh * K + offs_r, mask=mask_r, other=0.0).to(tl.float32)  # (BK,)
     bk_r = beta * k_r
-    # NOTE: padded lambda entries are 1, so padded rows of A are the identity and x0 = 0 / 1 = 0 there.
-    lam = tl.load(lamb_ptr + i_h * K + offs_r, mask=mask_r, other=1.0).to(tl.float32)  # (BK,)
 
     h_base = hkk_ptr + pid_bh * K * K
     h_out_base = hkk_out_ptr + pid_bh * K * K
@@ -81,16 +92,31 @@ def _decode_step_fwd_kernel(
     rows_mine = mask_r & (offs_r >= row_lo) & (offs_r < row_lo + ROWS_PER_SPLIT)
 
     if RESIDENT:
-        k_c = tl.load(k_ptr + pid_bh * K + offs_c, mask=mask_c, other=0.0).to(tl.float32)  # (BK,)
-        h_old = tl.load(h_base + offs_r[:, None] * K + offs_c[None, :],
-                        mask=mask_r[:, None] & mask_c[None, :], other=0.0)  # (BK, BK)
-        h_new = decay * h_old + bk_r[:, None] * k_c[None, :]  # (BK, BK)
-        tl.store(h_out_base + offs_r[:, None] * K + offs_c[None, :], h_new,
-                 mask=rows_mine[:, None] & mask_c[None, :])
-        diag = tl.sum(tl.where(offs_r[:, None] == offs_c[None, :], h_new, 0.0), axis=1)  # (BK,)
-        x = q / (diag + lam)
-        r = q - (tl.sum(h_new * x[None, :], axis=1) + lam * x)
+        # H' lives in registers as a (NA, BK, COLS) tile, h3[a, i, c] = H'[i, a * COLS + c]; every CG vector
+        # is a (NA, COLS) tile, vec2[a, c] = vec[a * COLS + c]. NOTE: with 2-D vectors the compiler spreads
+        # them over the warps instead of replicating a 1-D row vector in every lane (16 registers each at
+        # K = 128): triton 3.6 then fits the kernel in 128 registers (two programs per SM; triton 3.9 on
+        # a CPU-side compile gives 210). Per CG step there are still three exchanges through shared
+        # memory (p to the matvec's layout, two dot products).
+        offs_a = tl.arange(0, NA)
+        offs_cc = tl.arange(0, COLS)
+        offs_j = offs_a[:, None] * COLS + offs_cc[None, :]  # (NA, COLS) column index
+        mask_j = offs_j < K
+        k_j = tl.load(k_ptr + pid_bh * K + offs_j, mask=mask_j, other=0.0).to(tl.float32)  # (NA, COLS)
+        offs_h = offs_r[None, :, None] * K + offs_j[:, None, :]  # (NA, BK, COLS)
+        mask_h = mask_r[None, :, None] & mask_j[:, None, :]
+        h_old = tl.load(h_base + offs_h, mask=mask_h, other=0.0)  # (NA, BK, COLS)
+        h_new = decay * h_old + bk_r[None, :, None] * k_j[:, None, :]  # (NA, BK, COLS)
+        tl.store(h_out_base + offs_h, h_new, mask=rows_mine[None, :, None] & mask_j[:, None, :])
+        diag = tl.sum(tl.sum(tl.where(offs_r[None, :, None] == offs_j[:, None, :], h_new, 0.0), axis=0), axis=1)
+        q = tl.load(q_ptr + pid_bh * K + offs_j, mask=mask_j, other=0.0).to(tl.float32)  # (NA, COLS)
+        # NOTE: padded lambda entries are 1, so padded rows of A are the identity and x0 = 0 / 1 = 0 there.
+        lam = tl.load(lamb_ptr + i_h * K + offs_j, mask=mask_j, other=1.0).to(tl.float32)  # (NA, COLS)
+        x = q / (tl.reshape(diag, (NA, COLS)) + lam)
+        r = q - _apply_a_resident(h_new, x, lam, NA, BK, COLS)
     else:
+        offs_c = tl.arange(0, BK)
+        mask_c = offs_c < K
         for r0 in range(0, K, BC):  # write H' by row tiles
             offs_t = r0 + tl.arange(0, BC)
             mask_t = offs_t < K
@@ -99,6 +125,8 @@ def _decode_step_fwd_kernel(
             h_t = tl.load(h_base + offs_t[:, None] * K + offs_c[None, :], mask=tile_mask, other=0.0)
             h_t = decay * h_t + (beta * k_t)[:, None] * k_r[None, :]  # (BC, BK)
             tl.store(h_out_base + offs_t[:, None] * K + offs_c[None, :], h_t, mask=tile_mask)
+        q = tl.load(q_ptr + pid_bh * K + offs_r, mask=mask_r, other=0.0).to(tl.float32)  # (BK,)
+        lam = tl.load(lamb_ptr + i_h * K + offs_r, mask=mask_r, other=1.0).to(tl.float32)  # (BK,)
         h_diag = tl.load(h_base + offs_r * (K + 1), mask=mask_r, other=0.0)  # (BK,)
         x = q / (decay * h_diag + bk_r * k_r + lam)
         scratch = qs_ptr + pid_bh * K
@@ -113,7 +141,7 @@ def _decode_step_fwd_kernel(
     go = it < cg_steps
     while go:
         if RESIDENT:
-            w = tl.sum(h_new * p[None, :], axis=1) + lam * p  # (BK,)
+            w = _apply_a_resident(h_new, p, lam, NA, BK, COLS)  # (NA, COLS)
         else:
             w = _apply_a_streamed(h_base, scratch, p, decay, bk_r, k_r, lam, offs_r, mask_r, K, BK, BC)
         pw = _dot(p, w)
@@ -134,8 +162,12 @@ def _decode_step_fwd_kernel(
     if not RESIDENT:
         tl.debug_barrier()  # every thread has read the scratch row in the last matvec
     if pid_s == 0:
-        tl.store(qs_ptr + pid_bh * K + offs_r, x, mask=mask_r)
+        if RESIDENT:
+            tl.store(qs_ptr + pid_bh * K + offs_j, x, mask=mask_j)
+        else:
+            tl.store(qs_ptr + pid_bh * K + offs_r, x, mask=mask_r)
         tl.store(steps_ptr + pid_bh, steps)
+    x_r = tl.reshape(x, (BK,))  # (BK,) row-indexed for the output
 
     # ---- G' = e^g G + beta k v^T and o = G'^T x, over this split's V blocks ----
     g_base = hkv_ptr + pid_bh * K * V
@@ -148,7 +180,7 @@ def _decode_step_fwd_kernel(
         g_t = tl.load(g_base + offs_r[:, None] * V + offs_v[None, :], mask=tile_mask, other=0.0)
         g_t = decay * g_t + bk_r[:, None] * vv[None, :]  # (BK, BV)
         tl.store(g_out_base + offs_r[:, None] * V + offs_v[None, :], g_t, mask=tile_mask)
-        o_t = tl.sum(g_t * x[:, None], axis=0)  # (BV,)
+        o_t = tl.sum(g_t * x_r[:, None], axis=0)  # (BV,)
         tl.store(o_ptr + pid_bh * V + offs_v, o_t.to(o_ptr.dtype.element_ty), mask=mask_v)
 
 
@@ -174,6 +206,7 @@ def decode_step(
     *,
     num_splits: int | None = None,
     num_warps: int | None = None,
+    cols: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Mesa decode token in one Triton launch (out of place; no input is modified).
 
@@ -181,8 +214,9 @@ def decode_step(
     most ``cg_steps`` Jacobi-started CG steps (stopping once ||r||^2 <= cg_tol^2 ||r0||^2 when
     ``cg_tol > 0``, or on breakdown), and returns ``(o, q_star, h_kk_new, h_kv_new, steps)``:
     o = G'^T x (B, H, V) in v's dtype, q_star = x (B, H, K) fp32, the new states (fp32) and the CG
-    updates done per (b, h) (B, H) int32. ``num_splits`` / ``num_warps`` override the launch
-    heuristics (tests and benchmarks). Requires K, V <= 256.
+    updates done per (b, h) (B, H) int32. ``num_splits`` / ``num_warps`` / ``cols`` (columns per chunk
+    of the register-resident tile, a power of two) override the launch heuristics (tests and
+    benchmarks). Requires K, V <= 256.
     """
     B, H, K = q.shape
     V = v.shape[-1]
@@ -208,6 +242,7 @@ def decode_step(
     splits = triton.cdiv(n_vblocks, vblocks_per_split)  # no program without V columns
     if num_warps is None:
         num_warps = 8 if BK >= 128 else 4
+    cols = min(cols or RESIDENT_COLS, BK)
 
     grid = (B * H, splits)
     torch.library.wrap_triton(_decode_step_fwd_kernel)[grid](
@@ -215,7 +250,7 @@ def decode_step(
         lamb.contiguous(), h_kk.contiguous(), h_kv.contiguous(),
         o, q_star, h_kk_new, h_kv_new, steps,
         cg_steps, cg_tol,
-        H=H, K=K, V=V, BK=BK, BV=BV, BC=STREAM_BC,
+        H=H, K=K, V=V, BK=BK, BV=BV, BC=STREAM_BC, COLS=cols, NA=BK // cols,
         ROWS_PER_SPLIT=triton.cdiv(K, splits), VBLOCKS_PER_SPLIT=vblocks_per_split, RESIDENT=resident,
         num_warps=num_warps,
     )
