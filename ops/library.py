@@ -138,6 +138,9 @@ def _backward_chunk_fwd(ctx, do, _dq_star, dh_kk, dh_kv, _dsteps):
     return (*grads, None, None, None)
 
 
+_DECODE_BWD_CHUNK = 16
+
+
 def _setup_decode_step(ctx, inputs, output) -> None:
     q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps, cg_tol = inputs
     o, q_star, h_kk_new, h_kv_new, steps = output
@@ -148,13 +151,14 @@ def _setup_decode_step(ctx, inputs, output) -> None:
 
 
 def _backward_decode_step(ctx, do, _dq_star, dh_kk, dh_kv, _dsteps):
-    # One token is a chunk of length 1: reuse the chunk backward on (B, 1, H, .) views.
+    # One token is a sequence of length 1: reuse the chunk backward on (B, 1, H, .) views, with
+    # chunks of 16 (the smallest tile the GPU's tl.dot takes; the padding is neutral).
     q, k, v, g, beta, lamb, h_kk, h_kv, q_star = ctx.saved_tensors
     o, h_kk_new, h_kv_new = ctx.shapes
     seq = [t.unsqueeze(1) for t in (q, k, v, g, beta)]
     grads = torch.ops.mesa.chunk_bwd(
         *seq, lamb, h_kk, h_kv, q_star.unsqueeze(1), _grad_or_zeros(do, o).unsqueeze(1),
-        _grad_or_zeros(dh_kk, h_kk_new), _grad_or_zeros(dh_kv, h_kv_new), 1, *ctx.cg,
+        _grad_or_zeros(dh_kk, h_kk_new), _grad_or_zeros(dh_kv, h_kv_new), _DECODE_BWD_CHUNK, *ctx.cg,
     )  # fmt: skip
     dq, dk, dv, dg, dbeta = (t.squeeze(1) for t in grads[:5])
     return (dq, dk, dv, dg, dbeta, *grads[5:], None, None)
