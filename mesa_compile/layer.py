@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mesa_compile.config import MesaConfig
-from mesa_compile.ops import MesaState, mesa_net, mesa_net_step
+from mesa_compile.ops import mesa_net, mesa_net_step
 from mesa_compile.state import MesaLayerState, check_layer_state, init_layer_state
 
 __all__ = ["MesaLayer"]
@@ -146,11 +146,6 @@ class MesaLayer(nn.Module):
                 initial_state=None if state is None else state.mesa, output_final_state=True,
             )  # fmt: skip
             o = out.o  # (B, T, H, V)
-            # NOTE: the aten chunk_fwd returns the final state as a view of its per-chunk states
-            # (stride(0) = (chunks + 1) H K K); a prefill state then differs in strides from a decode
-            # state and a compiled decode step recompiles once (measured). contiguous() is a no-op
-            # for an already contiguous state.
-            out = out._replace(final_state=MesaState(*(t.contiguous() for t in out.final_state)))
 
         o = self.o_norm(o)  # (B, T, H, V)
         if self.gate_proj is not None:
