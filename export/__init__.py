@@ -8,4 +8,4 @@ Importing this package needs only torch; onnx / onnxscript load when an export r
 
 from mesa_compile.export.onnx_export import DTYPES, GRAPHS, read_metadata, to_onnx
 
-__all__ = ["to_onnx", "read_metadata", "GRAPHS", "DTYPES"]
+__all__ = ["DTYPES", "GRAPHS", "read_metadata", "to_onnx"]

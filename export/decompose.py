@@ -3,40 +3,39 @@
 ``decompositions(cg)`` maps each op to a function of the same signature for
 ``ExportedProgram.run_decompositions``:
 
-- ``fixed``: ``ops.reference`` as it is; while tracing, its CG keeps the fixed trip count
-  (unrolled, ~17 ONNX nodes per step) and converged rows are frozen by masks, so ``cg_tol``
-  still gives the early-exit results, only not the early-exit time.
+- ``fixed``: ``reference.cg_solve``, which keeps its fixed trip count while tracing (unrolled,
+  ~20 ONNX nodes per step) and freezes converged rows with masks, so ``cg_tol`` still gives the
+  early-exit results, only not the early-exit time. Decode is ``reference.decode_step`` itself.
 - ``loop``: the same arithmetic with the CG iterations in ``torch._higher_order_ops.while_loop``,
   which becomes an ONNX ``Loop`` that stops once every row has ``||r|| <= cg_tol ||r0||``. The
   loop also returns its iteration count, which the exporter exposes as a graph output.
 
-Prefill with a dynamic T: the chunkwise reference reshapes (T + pad) tokens into chunks, and
-torch.export cannot prove ``(T + (-T mod C)) mod C == 0`` for a symbolic T, so it pins T to the
-example size. Here the whole prompt is ONE chunk (C = T): the same algorithm and code, exact for
-any T without padding, at O(B H T^2) memory for the decay mask (fine for prompts of a few thousand
-tokens; longer prompts belong to the plugin graph, whose chunk node is opaque).
+Prefill with a dynamic T: the chunkwise reference pads T to a chunk multiple and reshapes, and
+torch.export cannot prove the padded length consistent for a symbolic T, so it pins T to the
+example size. Here the whole prompt is ONE chunk (mesanet-math.md section 3 with C = T): the same
+CG on the same matvec, exact for any T without padding, at O(B H T^2) memory for the decay mask
+(fine for prompts of a few thousand tokens; longer prompts belong to the plugin graph, whose
+chunk node is opaque).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+from mesa_compile.ops import reference
 from torch import Tensor
 from torch._higher_order_ops import while_loop
 
-from mesa_compile.ops import reference
-from mesa_compile.ops.reference import (  # the chunkwise building blocks, shared with the op
-    _chunk,
-    _compute_dtype,
-    _from_chunks,
-    _readout,
-    _state_diag,
-    _state_matvec,
-    _to_chunks,
-)
-
-__all__ = ["CG_FORMS", "decompositions", "cg_solve_loop", "chunk_fwd_whole", "chunk_fwd_loop", "decode_step_loop"]
+__all__ = [
+    "CG_FORMS",
+    "cg_solve_loop",
+    "chunk_fwd_loop",
+    "chunk_fwd_whole",
+    "decode_step_loop",
+    "decompositions",
+]
 
 CG_FORMS = ("fixed", "loop", "plugin")
 Solver = Callable[..., tuple[Tensor, ...]]
@@ -79,14 +78,66 @@ def cg_solve_loop(
         d = torch.where(ok, d_new, d)
         return it + 1, x, r, p, d, steps + ok.to(torch.int32), ok & (d_new > stop)
 
-    # NOTE: while_loop rejects carried values that alias each other: p starts as a copy of r.
-    it, x, _, _, _, steps, _ = while_loop(cond, body, (it, x, r, r.clone(), d.clone(), steps, active))
+    # NOTE: while_loop rejects carried values that alias each other (p starts as a copy of r) or
+    # whose strides differ from the body's outputs (which are contiguous).
+    carried = (it, x, r, r.clone(), d.clone(), steps, active)
+    it, x, _, _, _, steps, _ = while_loop(cond, body, tuple(t.contiguous() for t in carried))
     return x, steps, it
 
 
+class _Sequence(NamedTuple):
+    """The whole prompt as one chunk, (B, H, T, .) layout, compute dtype."""
+
+    k: Tensor  # (B, H, T, K)
+    v: Tensor  # (B, H, T, V)
+    mask: Tensor  # (B, H, T, T)  M[t,s] = 1[t>=s] e^{b_t-b_s} beta_s
+    decay: Tensor  # (B, H, T, 1)  e^{b_t}, b = cumulative log decay
+    lamb: Tensor  # (1, H, 1, K)
+    h_kk: Tensor  # (B, H, K, K) initial state
+    h_kv: Tensor  # (B, H, K, V)
+    h_kk_end: Tensor  # (B, H, K, K) state after the last token
+    h_kv_end: Tensor  # (B, H, K, V)
+
+
+def _sequence(k, v, g, beta, lamb, h_kk, h_kv, dtype: torch.dtype) -> _Sequence:
+    k, v, g, beta = (t.to(dtype).transpose(1, 2) for t in (k, v, g, beta))  # (B, H, T, .)
+    h_kk, h_kv = h_kk.to(dtype), h_kv.to(dtype)
+    b = g.cumsum(-1)  # (B, H, T)
+    T = b.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=b.device).tril()
+    # NOTE: -inf on the acausal half before exp: e^{b_t-b_s} overflows there for long decays.
+    mask = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp() * beta[..., None, :]
+    b_end = b[..., -1:]  # (B, H, 1)
+    kw_t = (k * ((b_end - b).exp() * beta)[..., None]).transpose(-1, -2)  # (B, H, K, T)
+    e_end = b_end.exp()[..., None]  # (B, H, 1, 1)
+    return _Sequence(
+        k=k, v=v, mask=mask, decay=b.exp()[..., None], lamb=lamb.to(dtype)[None, :, None, :],
+        h_kk=h_kk, h_kv=h_kv, h_kk_end=e_end * h_kk + kw_t @ k, h_kv_end=e_end * h_kv + kw_t @ v,
+    )  # fmt: skip
+
+
+def _matvec(s: _Sequence, p: Tensor) -> Tensor:
+    """(H_t + diag(lamb)) p_t for every token: ((P K^T) * M) K + (e^b * P) H_0 + lamb * P."""
+    return ((p @ s.k.transpose(-1, -2)) * s.mask) @ s.k + (s.decay * p) @ s.h_kk + s.lamb * p
+
+
+def _diag(s: _Sequence) -> Tensor:
+    """diag(H_t) + lamb for every token: e^{b_t} diag(H_0) + M @ (K * K) + lamb."""
+    return s.decay * s.h_kk.diagonal(dim1=-2, dim2=-1)[..., None, :] + s.mask @ s.k.square() + s.lamb
+
+
+def _prefill(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps: int, cg_tol: float, solve) -> tuple:
+    dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    s = _sequence(k, v, g, beta, lamb, h_kk, h_kv, dtype)
+    x, steps, *iters = solve(lambda p: _matvec(s, p), q.to(dtype).transpose(1, 2), _diag(s), cg_steps, cg_tol)
+    o = ((x @ s.k.transpose(-1, -2)) * s.mask) @ s.v + (s.decay * x) @ s.h_kv  # (B, H, T, V)
+    out = (o.transpose(1, 2).to(v.dtype), x.transpose(1, 2), s.h_kk_end, s.h_kv_end, steps.transpose(1, 2))
+    return out, iters
+
+
 def chunk_fwd_whole(q, k, v, g, beta, lamb, h_kk, h_kv, chunk_size: int, cg_steps: int, cg_tol: float):
-    """``reference.chunk_fwd`` with the whole sequence as one chunk (any symbolic T; fixed CG)."""
-    return reference.chunk_fwd(q, k, v, g, beta, lamb, h_kk, h_kv, q.shape[1], cg_steps, cg_tol)
+    """``mesa::chunk_fwd`` for any symbolic T: one chunk, ``reference.cg_solve`` (fixed trip count)."""
+    return _prefill(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps, cg_tol, reference.cg_solve)[0]
 
 
 def chunk_fwd_loop(q, k, v, g, beta, lamb, h_kk, h_kv, chunk_size: int, cg_steps: int, cg_tol: float):
@@ -94,18 +145,7 @@ def chunk_fwd_loop(q, k, v, g, beta, lamb, h_kk, h_kv, chunk_size: int, cg_steps
 
     Returns the op's five outputs plus the loop's iteration count.
     """
-    T = chunk_size = q.shape[1]  # (the whole sequence is one chunk, see the module docstring)
-    dtype = _compute_dtype(q, k, v, h_kk)
-    c = _chunk(k, v, g, beta, lamb, h_kk, h_kv, chunk_size, dtype)
-    x, steps, iters = cg_solve_loop(
-        lambda p: _state_matvec(c, p) + c.lamb * p,
-        _to_chunks(q, chunk_size, dtype),  # (B, H, N, C, K)
-        _state_diag(c) + c.lamb,
-        cg_steps,
-        cg_tol,
-    )
-    o = _readout(c, x)  # (B, H, N, C, V)
-    out = (_from_chunks(o, T).to(v.dtype), _from_chunks(x, T), c.h_kk_end, c.h_kv_end, _from_chunks(steps, T))
+    out, (iters,) = _prefill(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps, cg_tol, cg_solve_loop)
     return out, iters
 
 
@@ -114,7 +154,7 @@ def decode_step_loop(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps: int, cg_tol: 
 
     Returns the op's five outputs plus the loop's iteration count.
     """
-    dtype = _compute_dtype(q, k, v, h_kk)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
     q, k, v, g, beta, lamb = (t.to(dtype) for t in (q, k, v, g, beta, lamb))
     gamma = g.exp()[..., None, None]  # (B, H, 1, 1)
     bt = beta[..., None, None]
@@ -127,7 +167,7 @@ def decode_step_loop(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps: int, cg_tol: 
         cg_steps,
         cg_tol,
     )
-    o = torch.einsum("bhkv,bhk->bhv", h_kv, x)  # (B, H, V)
+    o = (x[..., None, :] @ h_kv)[..., 0, :]  # (B, H, V)
     return (o.to(v.dtype), x, h_kk, h_kv, steps), iters
 
 

@@ -11,35 +11,39 @@ from __future__ import annotations
 from mesa_compile.ops.names import CHUNK_FWD, DECODE_STEP, NAMESPACE
 
 __all__ = [
-    "TORCH_NAMESPACE",
-    "TORCH_CHUNK_FWD",
-    "TORCH_DECODE_STEP",
-    "ONNX_DOMAIN",
-    "ONNX_DOMAIN_VERSION",
-    "ONNX_CHUNK_FWD",
-    "ONNX_DECODE_STEP",
-    "ORT_EXTENSIONS_DOMAIN",
-    "TRT_PLUGIN_NAMESPACE",
-    "TRT_PLUGIN_VERSION",
-    "TRT_PLUGIN_CHUNK_FWD",
-    "TRT_PLUGIN_DECODE_STEP",
-    "STATE_FIELDS",
+    "BATCH_DIM",
     "INPUT_IDS",
-    "LOGITS",
     "LAYER_INPUT",
     "LAYER_OUTPUT",
-    "BATCH_DIM",
-    "SEQ_DIM",
+    "LOGITS",
     "METADATA_PREFIX",
+    "ONNX_CHUNK_FWD",
+    "ONNX_DECODE_STEP",
+    "ONNX_DOMAIN",
+    "ONNX_DOMAIN_VERSION",
+    "ORT_EXTENSIONS_DOMAIN",
+    "SEQ_DIM",
+    "STATE_FIELDS",
+    "TORCH_CHUNK_FWD",
+    "TORCH_DECODE_STEP",
+    "TORCH_EXPORT_NAMESPACE",
+    "TORCH_NAMESPACE",
+    "TRT_PLUGIN_CHUNK_FWD",
+    "TRT_PLUGIN_DECODE_STEP",
+    "TRT_PLUGIN_NAMESPACE",
+    "TRT_PLUGIN_VERSION",
+    "cg_iters_output",
     "state_input",
     "state_output",
-    "cg_iters_output",
 ]
 
 # torch.ops.mesa.* (owned by the ops package; re-exported so that export code imports one module)
 TORCH_NAMESPACE = NAMESPACE
 TORCH_CHUNK_FWD = CHUNK_FWD
 TORCH_DECODE_STEP = DECODE_STEP
+
+# Export-only torch ops standing for one plugin node each while tracing (shape-only fakes).
+TORCH_EXPORT_NAMESPACE = "mesa_export"
 
 # ONNX custom-domain nodes of the plugin graphs (one node per Mesa layer).
 ONNX_DOMAIN = "mesa"

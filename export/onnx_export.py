@@ -18,22 +18,22 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
+from mesa_compile.export import names
+from mesa_compile.export.decompose import CG_FORMS, decompositions
+from mesa_compile.ops import MesaState
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from mesa_compile.config import MesaConfig
-from mesa_compile.export import names
-from mesa_compile.export.decompose import CG_FORMS, decompositions
 from mesa_compile.layer import MesaLayer
 from mesa_compile.model import MesaNetLM
-from mesa_compile.ops import MesaState
 from mesa_compile.state import MesaLayerState
 
-__all__ = ["to_onnx", "read_metadata", "GRAPHS", "DTYPES"]
+__all__ = ["DTYPES", "GRAPHS", "read_metadata", "to_onnx"]
 
 GRAPHS = ("decode", "prefill")
 DTYPES = {torch.float32: "float32", torch.float16: "float16"}
@@ -49,7 +49,8 @@ def _flatten(state: tuple[MesaLayerState, ...]) -> list[Tensor]:
 def _unflatten(flat: tuple[Tensor, ...]) -> tuple[MesaLayerState, ...]:
     n = len(names.STATE_FIELDS)
     return tuple(
-        MesaLayerState(MesaState(flat[i], flat[i + 1]), flat[i + 2], flat[i + 3]) for i in range(0, len(flat), n)
+        MesaLayerState(MesaState(flat[i], flat[i + 1]), flat[i + 2], flat[i + 3])
+        for i in range(0, len(flat), n)
     )
 
 
@@ -72,7 +73,7 @@ class _Graph(nn.Module):
 
 
 class _Decomposed(TorchFunctionMode):
-    """Trace the mesa ops through aten implementations instead of keeping them as nodes."""
+    """Trace each mesa op through a replacement: its aten decomposition, or a plugin stand-in."""
 
     def __init__(self, table: dict) -> None:
         super().__init__()
@@ -85,9 +86,7 @@ class _Decomposed(TorchFunctionMode):
         return impl(*args, **(kwargs or {}))
 
 
-def _check_args(model, graph, cg, cg_steps, cg_tol, dtype, opset) -> None:
-    if not isinstance(model, (MesaNetLM, MesaLayer)):
-        raise ValueError(f"model must be a MesaNetLM or a MesaLayer, got {type(model).__name__}")
+def _check_args(graph, cg, cg_steps, cg_tol, dtype, opset) -> None:
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     if cg not in CG_FORMS:
@@ -99,7 +98,9 @@ def _check_args(model, graph, cg, cg_steps, cg_tol, dtype, opset) -> None:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype!r}")
     if opset != 18:
-        raise ValueError(f"only opset 18 is supported (the version the graphs are tested with), got {opset!r}")
+        raise ValueError(
+            f"only opset 18 is supported (the version the graphs are tested with), got {opset!r}"
+        )
 
 
 def _check_path(path: Path) -> None:
@@ -107,9 +108,13 @@ def _check_path(path: Path) -> None:
         raise ValueError(f"cannot write the ONNX file to {str(path)!r}: it is a directory")
     parent = path.parent
     if not parent.is_dir():
-        raise ValueError(f"cannot write the ONNX file to {str(path)!r}: directory {str(parent)!r} does not exist")
+        raise ValueError(
+            f"cannot write the ONNX file to {str(path)!r}: directory {str(parent)!r} does not exist"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write the ONNX file to {str(path)!r}: directory {str(parent)!r} is not writable")
+        raise ValueError(
+            f"cannot write the ONNX file to {str(path)!r}: directory {str(parent)!r} is not writable"
+        )
 
 
 def _examples(net: nn.Module, config: MesaConfig, decode: bool, dtype: torch.dtype):
@@ -120,7 +125,11 @@ def _examples(net: nn.Module, config: MesaConfig, decode: bool, dtype: torch.dty
     if isinstance(net, MesaNetLM):
         x, x_name, out_name = torch.randint(0, config.vocab_size, (B, T)), names.INPUT_IDS, names.LOGITS
     else:
-        x, x_name, out_name = torch.randn(B, T, config.d_model, dtype=dtype), names.LAYER_INPUT, names.LAYER_OUTPUT
+        x, x_name, out_name = (
+            torch.randn(B, T, config.d_model, dtype=dtype),
+            names.LAYER_INPUT,
+            names.LAYER_OUTPUT,
+        )
     fields = [(i, f) for i in range(n_layers) for f in names.STATE_FIELDS]
     if decode:
         layer = net.blocks[0].mixer if isinstance(net, MesaNetLM) else net
@@ -172,7 +181,9 @@ def _bound_loops(model: Any, cg_steps: int, n_layers: int) -> None:
 
     loops = [node for node in model.graph.node if node.op_type == "Loop"]
     if len(loops) != n_layers:
-        raise RuntimeError(f"expected one CG Loop per Mesa layer ({n_layers}), the exported graph has {len(loops)}")
+        raise RuntimeError(
+            f"expected one CG Loop per Mesa layer ({n_layers}), the exported graph has {len(loops)}"
+        )
     trip = "cg_trip_count"
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(cg_steps, dtype=np.int64), trip))
     for i, node in enumerate(loops):
@@ -187,8 +198,8 @@ def _bound_loops(model: Any, cg_steps: int, n_layers: int) -> None:
 
 
 def to_onnx(
-    model: Union[MesaNetLM, MesaLayer],
-    path: Union[str, os.PathLike],
+    model: MesaNetLM | MesaLayer,
+    path: str | os.PathLike,
     *,
     graph: str = "decode",
     cg: str = "fixed",
@@ -206,10 +217,12 @@ def to_onnx(
     Mesa states and the CG solve stay fp32). Batch is dynamic; so is seq in prefill graphs.
     Raises ValueError for bad arguments or an unwritable path (before any work is done).
     """
+    if not isinstance(model, (MesaNetLM, MesaLayer)):
+        raise ValueError(f"model must be a MesaNetLM or a MesaLayer, got {type(model).__name__}")
     config: MesaConfig = model.config
     cg_steps = config.cg_steps if cg_steps is None else cg_steps
     cg_tol = config.cg_tol if cg_tol is None else cg_tol
-    _check_args(model, graph, cg, cg_steps, cg_tol, dtype, opset)
+    _check_args(graph, cg, cg_steps, cg_tol, dtype, opset)
     path = Path(path)
     _check_path(path)
     try:
@@ -220,19 +233,18 @@ def to_onnx(
     from mesa_compile.export import plugin
 
     decode = graph == "decode"
-    net = copy.deepcopy(model).to(dtype).eval()
+    net = copy.deepcopy(model).to(device="cpu", dtype=dtype).eval()  # traced on CPU, any source device
     args, dynamic, input_names, output_names = _examples(net, config, decode, dtype)
     wrapper = _Graph(net, decode, int(cg_steps), float(cg_tol))
     options = dict(dynamo=True, opset_version=opset, dynamic_shapes=dynamic, optimize=True,
                    input_names=input_names, output_names=output_names, verbose=False)  # fmt: skip
     with torch.no_grad():
+        table = plugin.node_ops() if cg == "plugin" else decompositions(cg)
+        table.update({op.overloadpacket: impl for op, impl in list(table.items())})
         if cg == "plugin":
-            program = torch.onnx.export(wrapper, args, custom_translation_table=plugin.translation_table(), **options)
-        else:
-            table = decompositions(cg)
-            table.update({op.overloadpacket: impl for op, impl in list(table.items())})
-            with _Decomposed(table):
-                program = torch.onnx.export(wrapper, args, **options)
+            options["custom_translation_table"] = plugin.translation_table()
+        with _Decomposed(table):
+            program = torch.onnx.export(wrapper, args, **options)
     proto = program.model_proto
     _rename_dims(proto, input_names, decode)
     n_layers = config.n_layers if isinstance(model, MesaNetLM) else 1

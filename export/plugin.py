@@ -5,6 +5,10 @@ nodes. ``register_schemas`` registers an ``onnx.defs.OpSchema`` for each (onnxsc
 unknown custom ops, and ``onnx.checker`` validates against it). The node is never an ONNX local
 function: a runtime would inline that instead of dispatching to the plugin.
 
+While tracing, the mesa ops are swapped for export-only ops (``torch.ops.mesa_export.*``) whose
+fakes only compute shapes: the real ops' fakes trace the chunkwise reference, whose padding
+``if`` pins a dynamic T to the example size. The custom translation maps those onto the nodes.
+
 Two oracles run plugin graphs without TensorRT, both computing the node with ``ops.reference``:
 ``reference_evaluator_ops()`` for ``onnx.reference.ReferenceEvaluator`` and
 ``ort_extensions_session()`` for onnxruntime CPU through an onnxruntime-extensions Python op
@@ -18,16 +22,17 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from mesa_compile.export import names
 from mesa_compile.ops import reference
+from torch import Tensor
 
 __all__ = [
-    "register_schemas",
-    "translation_table",
-    "reference_evaluator_ops",
-    "to_ort_extensions_model",
+    "node_ops",
     "ort_extensions_session",
+    "reference_evaluator_ops",
+    "register_schemas",
+    "to_ort_extensions_model",
+    "translation_table",
 ]
 
 _INPUTS = ("q", "k", "v", "g", "beta", "lamb", "h_kk", "h_kv")
@@ -72,8 +77,62 @@ def register_schemas() -> None:
             defs.register_schema(_schema(op_type, with_chunk))
 
 
+_Outputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op(f"{names.TORCH_EXPORT_NAMESPACE}::chunk_fwd", mutates_args=())
+def _chunk_fwd_node(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, lamb: Tensor, h_kk: Tensor, h_kv: Tensor,
+    chunk_size: int, cg_steps: int, cg_tol: float,
+) -> _Outputs:  # fmt: skip
+    """Stands for one MesaChunkFwd node while tracing; eager: ``reference.chunk_fwd``."""
+    return tuple(
+        t.clone()
+        for t in reference.chunk_fwd(q, k, v, g, beta, lamb, h_kk, h_kv, chunk_size, cg_steps, cg_tol)
+    )
+
+
+@_chunk_fwd_node.register_fake
+def _(q, k, v, g, beta, lamb, h_kk, h_kv, chunk_size, cg_steps, cg_tol):
+    B, T, H, K = q.shape
+    f32 = torch.promote_types(q.dtype, torch.float32)
+    return (
+        v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, K, dtype=f32), h_kk.new_empty(h_kk.shape),
+        h_kv.new_empty(h_kv.shape), q.new_empty(B, T, H, dtype=torch.int32),
+    )  # fmt: skip
+
+
+@torch.library.custom_op(f"{names.TORCH_EXPORT_NAMESPACE}::decode_step", mutates_args=())
+def _decode_step_node(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, lamb: Tensor, h_kk: Tensor, h_kv: Tensor,
+    cg_steps: int, cg_tol: float,
+) -> _Outputs:  # fmt: skip
+    """Stands for one MesaDecodeStep node while tracing; eager: ``reference.decode_step``."""
+    return tuple(
+        t.clone() for t in reference.decode_step(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps, cg_tol)
+    )
+
+
+@_decode_step_node.register_fake
+def _(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps, cg_tol):
+    B, H, K = q.shape
+    f32 = torch.promote_types(q.dtype, torch.float32)
+    return (
+        v.new_empty(B, H, v.shape[-1]), q.new_empty(B, H, K, dtype=f32), h_kk.new_empty(h_kk.shape),
+        h_kv.new_empty(h_kv.shape), q.new_empty(B, H, dtype=torch.int32),
+    )  # fmt: skip
+
+
+def node_ops() -> dict:
+    """``{mesa op: export-only stand-in}`` to trace the plugin form with (see the module docstring)."""
+    return {
+        torch.ops.mesa.chunk_fwd.default: torch.ops.mesa_export.chunk_fwd.default,
+        torch.ops.mesa.decode_step.default: torch.ops.mesa_export.decode_step.default,
+    }
+
+
 def translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export``: each mesa op -> one ``mesa`` node."""
+    """``custom_translation_table`` for ``torch.onnx.export``: each stand-in -> one ``mesa`` node."""
     import onnxscript
 
     register_schemas()
@@ -92,7 +151,10 @@ def translation_table() -> dict:
             q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps=cg_steps, cg_tol=cg_tol, _outputs=len(_OUTPUTS)
         )
 
-    return {torch.ops.mesa.chunk_fwd.default: chunk_fwd, torch.ops.mesa.decode_step.default: decode_step}
+    return {
+        torch.ops.mesa_export.chunk_fwd.default: chunk_fwd,
+        torch.ops.mesa_export.decode_step.default: decode_step,
+    }
 
 
 # ----------------------------------------------------------------------------------------------

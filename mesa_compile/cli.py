@@ -33,6 +33,8 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "report versions and devices, then check every Mesa path available on this machine "
         "against the exact solve (exit 1 if one fails)",
     ),
+    Subcommand("export", "mesa_compile.cli_export", "export a model to ONNX (fixed / loop / plugin CG forms)"),
+    Subcommand("run", "mesa_compile.cli_export", "generate tokens from an exported ONNX model with onnxruntime"),
 )
 
 

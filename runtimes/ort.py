@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
-
 from mesa_compile.export import names
 
-__all__ = ["OrtSession", "PROVIDERS"]
+__all__ = ["PROVIDERS", "OrtSession"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -40,16 +39,21 @@ def _import_ort():
 class _Graph:
     """One InferenceSession and what the exporter recorded about it."""
 
-    def __init__(self, ort: Any, path: str, provider: str, threads: Optional[int]) -> None:
+    def __init__(self, ort: Any, path: str, provider: str, threads: int | None) -> None:
         if not os.path.isfile(path):
             raise ValueError(f"no ONNX model at {path!r}")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # NOTE: the exporter's CastLike nodes make ORT warn on every load
         if threads is not None:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(path, options, providers=[PROVIDERS[provider]])
+        # NOTE: TF32 matmuls cost ~1e-3 relative in the CG solve once cond > ~100 (mesanet-math.md 6b),
+        # ten times the budget: the CUDA EP runs fp32 graphs in full fp32.
+        config = [(PROVIDERS[provider], {"use_tf32": "0"})] if provider == "cuda" else [PROVIDERS[provider]]
+        self.session = ort.InferenceSession(path, options, providers=config)
         meta = self.session.get_modelmeta().custom_metadata_map
-        props = {k[len(names.METADATA_PREFIX):]: v for k, v in meta.items() if k.startswith(names.METADATA_PREFIX)}
+        props = {
+            k[len(names.METADATA_PREFIX) :]: v for k, v in meta.items() if k.startswith(names.METADATA_PREFIX)
+        }
         if props.get("kind") != "lm" or props.get("graph") not in ("decode", "prefill"):
             raise ValueError(f"{path!r} is not a MesaNetLM graph exported by mesa_compile.export.to_onnx")
         self.path, self.graph, self.cg = path, props["graph"], props["cg"]
@@ -69,11 +73,11 @@ class OrtSession:
 
     def __init__(
         self,
-        path: Union[str, os.PathLike],
+        path: str | os.PathLike,
         provider: str = "cpu",
         *,
-        prefill_path: Union[str, os.PathLike, None] = None,
-        threads: Optional[int] = None,
+        prefill_path: str | os.PathLike | None = None,
+        threads: int | None = None,
     ) -> None:
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
@@ -90,7 +94,9 @@ class OrtSession:
         if prefill_path is not None:
             extra = _Graph(ort, os.fspath(prefill_path), provider, threads)
             if extra.graph != "prefill":
-                raise ValueError(f"prefill_path {os.fspath(prefill_path)!r} holds a {extra.graph!r} graph, not prefill")
+                raise ValueError(
+                    f"prefill_path {os.fspath(prefill_path)!r} holds a {extra.graph!r} graph, not prefill"
+                )
             if extra.config != main.config:
                 raise ValueError("prefill_path was exported from a model with a different config")
             self.prefill_graph = extra
@@ -118,7 +124,9 @@ class OrtSession:
     def _check_state(self, state: State, batch: int) -> None:
         graph = self._decode()
         if not isinstance(state, dict):
-            raise ValueError(f"state must be a dict of {len(self.state_names)} arrays, got {type(state).__name__}")
+            raise ValueError(
+                f"state must be a dict of {len(self.state_names)} arrays, got {type(state).__name__}"
+            )
         missing = [n for n in self.state_names if n not in state]
         extra = sorted(set(state) - set(self.state_names))
         if missing or extra:
@@ -133,11 +141,15 @@ class OrtSession:
             if shape != want:
                 raise ValueError(f"state[{name!r}] has shape {shape}, expected {want} (batch={batch})")
             if dtype != _NUMPY_TYPES[spec.type]:
-                raise ValueError(f"state[{name!r}] has dtype {dtype}, expected {np.dtype(_NUMPY_TYPES[spec.type])}")
+                raise ValueError(
+                    f"state[{name!r}] has dtype {dtype}, expected {np.dtype(_NUMPY_TYPES[spec.type])}"
+                )
 
     def _decode(self) -> _Graph:
         if self.decode_graph is None:
-            raise ValueError(f"{self.prefill_graph.path!r} is a prefill graph: step/generate need a decode graph")
+            raise ValueError(
+                f"{self.prefill_graph.path!r} is a prefill graph: step/generate need a decode graph"
+            )
         return self.decode_graph
 
     # ------------------------------------------------------------------ running
@@ -159,7 +171,9 @@ class OrtSession:
             values = {k: v if k.startswith("new_state.") else v.numpy() for k, v in values.items()}
         prefix = "cg_iters."
         self.last_cg_iters = {k: int(v) for k, v in values.items() if k.startswith(prefix)}
-        state = {"state." + k[len("new_state."):]: v for k, v in values.items() if k.startswith("new_state.")}
+        state = {
+            "state." + k[len("new_state.") :]: v for k, v in values.items() if k.startswith("new_state.")
+        }
         return values[names.LOGITS], state
 
     def init_state(self, batch_size: int) -> State:
@@ -198,8 +212,8 @@ class OrtSession:
         max_new_tokens: int,
         *,
         temperature: float = 0.0,
-        top_k: Optional[int] = None,
-        seed: Optional[int] = None,
+        top_k: int | None = None,
+        seed: int | None = None,
     ) -> np.ndarray:
         """Continue each prompt [B, T] by ``max_new_tokens`` tokens -> int64 [B, T + max_new_tokens].
 
@@ -229,7 +243,9 @@ class OrtSession:
         return np.concatenate(tokens, axis=1)
 
 
-def _sample(logits: np.ndarray, temperature: float, top_k: Optional[int], rng: np.random.Generator) -> np.ndarray:
+def _sample(
+    logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator
+) -> np.ndarray:
     """logits (B, vocab) -> next token ids (B, 1) int64."""
     logits = logits.astype(np.float32)
     if temperature == 0.0:
