@@ -360,7 +360,7 @@ def decode_step(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One token: state update, CG solve, read-out. Returns (o (B,H,V) in v.dtype, q_star (B,H,K),
     h_kk_new, h_kv_new, steps (B,H) int32)."""
-    dtype = _compute_dtype(q, k, v, h_kk)
+    dtype, out_dtype = _compute_dtype(q, k, v, h_kk), v.dtype
     q, k, v, g, beta, lamb = (t.to(dtype) for t in (q, k, v, g, beta, lamb))
     gamma = g.exp()[..., None, None]
     bt = beta[..., None, None]
@@ -374,4 +374,4 @@ def decode_step(
         cg_tol,
     )
     o = (x[..., None, :] @ h_kv)[..., 0, :]
-    return o.to(v.dtype), x, h_kk, h_kv, steps
+    return o.to(out_dtype), x, h_kk, h_kv, steps

@@ -93,3 +93,11 @@ def test_low_precision_inputs_keep_fp32_states(dtype, tol):
     assert out.o.dtype == dtype and out.final_state.h_kk.dtype == torch.float32
     # o is rounded to the input dtype at the end: the error is that rounding (bf16 2^-8, fp16 2^-11).
     assert rel_err(out.o, ref.o) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_step_output_has_the_value_dtype(dtype):
+    q, k, v, g, beta, lamb = mesa_inputs(2, 1, 2, 16, 8)
+    state = random_state(2, 2, 16, 8)
+    out = mesa_net_step(q[:, 0].to(dtype), k[:, 0].to(dtype), v[:, 0].to(dtype), g[:, 0], beta[:, 0], lamb, state)
+    assert out.o.dtype == dtype and out.final_state.h_kk.dtype == torch.float32
