@@ -5,7 +5,7 @@
 
 - ``fixed``: ``reference.cg_solve``, which keeps its fixed trip count while tracing (unrolled,
   ~20 ONNX nodes per step) and freezes converged rows with masks, so ``cg_tol`` still gives the
-  early-exit results, only not the early-exit time. Decode is ``reference.decode_step`` itself.
+  early-exit results, only not the early-exit time. Decode is ``reference.decode_step``.
 - ``loop``: the same arithmetic with the CG iterations in ``torch._higher_order_ops.while_loop``,
   which becomes an ONNX ``Loop`` that stops once every row has ``||r|| <= cg_tol ||r0||``. The
   loop also returns its iteration count, which the exporter exposes as a graph output.
@@ -155,6 +155,7 @@ def decode_step_loop(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps: int, cg_tol: 
     Returns the op's five outputs plus the loop's iteration count.
     """
     dtype = torch.promote_types(torch.promote_types(q.dtype, v.dtype), torch.float32)
+    out_dtype = v.dtype
     q, k, v, g, beta, lamb = (t.to(dtype) for t in (q, k, v, g, beta, lamb))
     gamma = g.exp()[..., None, None]  # (B, H, 1, 1)
     bt = beta[..., None, None]
@@ -168,7 +169,17 @@ def decode_step_loop(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps: int, cg_tol: 
         cg_tol,
     )
     o = (x[..., None, :] @ h_kv)[..., 0, :]  # (B, H, V)
-    return (o.to(v.dtype), x, h_kk, h_kv, steps), iters
+    return (o.to(out_dtype), x, h_kk, h_kv, steps), iters
+
+
+def decode_step_fixed(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps: int, cg_tol: float):
+    """``reference.decode_step`` (fixed trip count while tracing), o in v's dtype.
+
+    NOTE: the reference casts v to fp32 before its ``o.to(v.dtype)``, so with fp16 values it
+    returns fp32 o and the fp16 graph's next linear layer mixes dtypes (onnx.checker rejects it).
+    """
+    o, *rest = reference.decode_step(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps, cg_tol)
+    return (o.to(v.dtype), *rest)
 
 
 def _drop_iters(fn: Solver) -> Solver:
@@ -185,7 +196,7 @@ def decompositions(cg: str) -> dict:
     if cg == "fixed":
         return {
             torch.ops.mesa.chunk_fwd.default: chunk_fwd_whole,
-            torch.ops.mesa.decode_step.default: reference.decode_step,
+            torch.ops.mesa.decode_step.default: decode_step_fixed,
         }
     if cg == "loop":
         return {

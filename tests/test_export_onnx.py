@@ -162,17 +162,26 @@ def test_layer_alone(tmp_path):
         assert rel_err(g, w) <= RTOL
 
 
-def test_float16_graph_keeps_states_fp32(model, tmp_path):
-    proto = onnx.load(
-        to_onnx(model, tmp_path / "fp16.onnx", graph="decode", cg="plugin", cg_steps=6, dtype=torch.float16)
-    )
+def test_float16_decode(model, tmp_path):
+    """fp16 weights / activations / conv caches, fp32 Mesa states and CG: 32 teacher-forced tokens on
+    onnxruntime CPU (the gpu test runs 64 on CUDA) stay within 1e-2 of the fp32 torch logits (fp16 roundoff ~5e-4 per op;
+    measured 1.3e-3 on the tiny preset)."""
+    from mesa_compile.runtimes import OrtSession
+
+    path = to_onnx(model, tmp_path / "fp16.onnx", graph="decode", cg="loop", cg_steps=30, dtype=torch.float16)
+    proto = onnx.load(path)
     types = {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
     F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
     assert types[names.state_input(0, "h_kk")] == F32 and types[names.state_output(1, "h_kv")] == F32
     assert types[names.state_input(0, "conv_q")] == F16 and types[names.LOGITS] == F16
-    node = next(n for n in proto.graph.node if n.domain == names.ONNX_DOMAIN)
-    initializers = {i.name: i.data_type for i in proto.graph.initializer}
-    assert all(initializers.get(name, F32) != F16 for name in node.input[5:])  # lamb, states: fp32
+    sess = OrtSession(path)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 32))
+    state, want_state = sess.init_state(2), model.init_state(2)
+    for t in range(32):
+        logits, state = sess.step(tokens[:, t].numpy(), state)
+        with torch.no_grad():
+            want, want_state = model(tokens[:, t : t + 1], want_state, cg_steps=30)
+        assert rel_err(logits, want[:, -1]) <= 1e-2, t
 
 
 @pytest.mark.parametrize(
