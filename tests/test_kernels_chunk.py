@@ -5,7 +5,8 @@ CPU: the kernels run in the Triton interpreter. Triton 3.9 reads TRITON_INTERPRE
 ``triton.jit``), i.e. when mesa_compile.ops.kernels is first imported; other test modules import it
 without the flag. So one subprocess (this file run as a script) computes the kernel outputs of all
 CPU cases with TRITON_INTERPRET=1 and TRITON_DEFAULT_FP_FUSION=0, and the tests compare them here.
-GPU (marked ``gpu``): bf16 accuracy against the exact solve, gradients, long sequences, sizes.
+GPU (marked ``gpu``): bf16 accuracy against the exact solve and gradients (mixed-precision and
+accurate CG), long sequences, sizes.
 
 Tolerances: fp32 kernels vs the fp64 reference: 1e-5 (the 3-pass fp16/bf16 split products carry
 ~22/16 mantissa bits, measured ~5e-7 in the interpreter); fp16 outputs add their rounding (2e-4 rms):
@@ -25,13 +26,18 @@ import torch.nn.functional as F
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.api import mesa_net_exact
 
-# name: (B, T, H, K, V, dtype, chunk, cg_steps, cg_tol, with backward)
+# name: (B, T, H, K, V, dtype, chunk, cg_steps, cg_tol, with backward); accurate CG (mixed=False)
 CASES = {
     "f32_t37_converged": (1, 37, 2, 16, 24, torch.float32, 16, 16, 0.0, True),
     "f16_t20": (2, 20, 2, 32, 16, torch.float16, 16, 12, 0.0, True),
     "f32_k48_v40_tol": (1, 40, 2, 48, 40, torch.float32, 32, 30, 1e-3, False),
     "f32_zero_steps": (1, 16, 2, 16, 16, torch.float32, 16, 0, 0.0, False),
     "f32_k144_streamed_state": (1, 12, 1, 144, 16, torch.float32, 16, 20, 0.0, True),
+}
+# mixed-precision CG (fp16 matvecs, true residual every REFRESH steps), enough steps to converge:
+# compared with the converged fp64 reference
+MIXED_CASES = {
+    "mixed_f32_converged": (1, 40, 2, 32, 24, torch.float32, 16, 40, 0.0, True),
 }
 FWD_NAMES = ("o", "q_star", "h_kk", "h_kv", "steps")
 BWD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dlamb", "dh_kk0", "dh_kv0")
@@ -65,15 +71,16 @@ def _run_cases(path: str) -> None:
 
     torch.manual_seed(1234)
     results = {}
-    for name, (B, T, H, K, V, dtype, C, steps, tol, bwd) in CASES.items():
+    for name, (B, T, H, K, V, dtype, C, steps, tol, bwd) in {**CASES, **MIXED_CASES}.items():
         args = make_inputs(B, T, H, K, V, dtype)
-        fwd = chunk_fwd(*args, C, steps, tol)
+        mixed = name in MIXED_CASES
+        fwd = chunk_fwd(*args, C, steps, tol, mixed=mixed)
         res = {"args": args, "fwd": fwd}
         if bwd:
             do = torch.randn(B, T, H, V).to(dtype)
             dh = (torch.randn(B, H, K, K) / K, torch.randn(B, H, K, V) / K)
             res["grads_in"] = (do, *dh)
-            res["bwd"] = chunk_bwd(*args, fwd[1], do, *dh, C, steps, tol)
+            res["bwd"] = chunk_bwd(*args, fwd[1], do, *dh, C, steps, tol, mixed=mixed)
         results[name] = res
     torch.save(results, path)
 
@@ -118,6 +125,21 @@ def test_interp_bwd_matches_reference(interp_results, case):
         assert rel(got, exp) <= _tol(dtype, name), (name, rel(got, exp))
 
 
+@pytest.mark.parametrize("case", list(MIXED_CASES))
+def test_interp_mixed_converged_matches_reference(interp_results, case):
+    """Mixed-precision CG run to convergence: q*, o and all gradients within 1e-5 of the fp64
+    reference (the accurate true residual sets the final accuracy, not the fp16 matvecs)."""
+    B, T, H, K, V, dtype, C, steps, tol, _ = MIXED_CASES[case]
+    res = interp_results[case]
+    args64 = [a.double() for a in res["args"]]
+    want = ref.chunk_fwd(*args64, C, 200, tol)
+    for name, got, exp in zip(FWD_NAMES[:4], res["fwd"][:4], want[:4]):
+        assert rel(got, exp) <= 1e-5, (name, rel(got, exp))
+    want = ref.chunk_bwd(*args64, want[1], *[t.double() for t in res["grads_in"]], C, 200, tol)
+    for name, got, exp in zip(BWD_NAMES, res["bwd"], want):
+        assert rel(got, exp) <= 1e-5, (name, rel(got, exp))
+
+
 def test_interp_converged_matches_exact(interp_results):
     """With cg_steps = K the CG solve is exact: o and every gradient match mesa_net_exact (fp64)."""
     res = interp_results["f32_t37_converged"]
@@ -143,15 +165,16 @@ def _exact_o(args):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "accurate"])
 @pytest.mark.parametrize("regime", ["random", "ill_conditioned"])
-def test_gpu_bf16_accuracy_vs_exact(regime):
+def test_gpu_bf16_accuracy_vs_exact(regime, mixed):
     """30 CG steps, bf16 inputs: q* (fp32) within 1e-3 of the exact solve; o within 1e-3 of the exact
     o rounded to bf16 (bf16 rounding alone is 1.7e-3 rms, so o is compared in the output format)."""
     from mesa_compile.ops.kernels import chunk_fwd
 
     kw = dict(corr=3.0, gate_bias=6.0, lamb=0.25) if regime == "ill_conditioned" else {}
     args = make_inputs(1, 1024, 4, 128, 128, torch.bfloat16, "cuda", state=False, **kw)
-    o, x, *_ = chunk_fwd(*args, 64, 30, 0.0)
+    o, x, *_ = chunk_fwd(*args, 64, 30, 0.0, mixed=mixed)
     o_ex = _exact_o(args)
     assert torch.isfinite(o).all()
     assert rel(o, o_ex.to(torch.bfloat16)) <= 1e-3
@@ -181,8 +204,9 @@ def test_gpu_sizes_match_reference(K, V):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "accurate"])
 @pytest.mark.parametrize("regime", ["random", "ill_conditioned"])
-def test_gpu_bf16_gradients(regime):
+def test_gpu_bf16_gradients(regime, mixed):
     """Gradients from the kernels vs the fp64 reference with a converged adjoint solve: <= 2e-3
     (dq/dk/dv compared in fp32 before their bf16 rounding would add 1.7e-3)."""
     from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
@@ -190,10 +214,10 @@ def test_gpu_bf16_gradients(regime):
     kw = dict(corr=3.0, gate_bias=6.0, lamb=0.25) if regime == "ill_conditioned" else {}
     B, T, H, K = 1, 512, 2, 128
     args = make_inputs(B, T, H, K, K, torch.bfloat16, "cuda", state=False, **kw)
-    _, x, *_ = chunk_fwd(*args, 64, 30, 0.0)
+    _, x, *_ = chunk_fwd(*args, 64, 30, 0.0, mixed=mixed)
     do = torch.randn(B, T, H, K, device="cuda").bfloat16()
     dh = (torch.zeros(B, H, K, K, device="cuda"), torch.zeros(B, H, K, K, device="cuda"))
-    got = chunk_bwd(*args, x, do, *dh, 64, 30, 0.0)
+    got = chunk_bwd(*args, x, do, *dh, 64, 30, 0.0, mixed=mixed)
     a64 = [a.double() for a in args]
     x64 = ref.chunk_fwd(*a64, 64, 200, 0.0)[1]
     want = ref.chunk_bwd(*a64, x64, do.double(), *[d.double() for d in dh], 64, 200, 0.0)

@@ -141,13 +141,13 @@ def _chunk_grad_kernel(
 def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               lamb: torch.Tensor, h_kk: torch.Tensor, h_kv: torch.Tensor, q_star: torch.Tensor,
               do: torch.Tensor, dh_kk: torch.Tensor, dh_kv: torch.Tensor, chunk_size: int, cg_steps: int,
-              cg_tol: float) -> tuple[torch.Tensor, ...]:
+              cg_tol: float, *, mixed: bool = True) -> tuple[torch.Tensor, ...]:
     """Chunkwise MesaNet backward with Triton kernels.
 
     Same arguments as chunk_fwd plus q_star (B, T, H, K) fp32 from it, do (B, T, H, V) and the final
     state gradients dh_kk (B, H, K, K), dh_kv (B, H, K, V). Returns (dq, dk, dv, dg, dbeta, dlamb,
     dh_kk0, dh_kv0): dq/dk/dv in the dtypes of q/k/v, dg/dbeta like g/beta, dlamb (H, K) fp32,
-    dh_* fp32 (gradient of the initial state).
+    dh_* fp32 (gradient of the initial state). mixed: CG precision of the adjoint solve (chunk_fwd).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -170,7 +170,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
     launch_chunk_cg(x, k, v, g32, b32, lamb32, hs, gs, x, do, dc, do, u, dc, dlamb_part,
-                    C, cg_steps, cg_tol, bwd=True)
+                    C, cg_steps, cg_tol, bwd=True, mixed=mixed)
     dhe, dh_kk0 = chunk_state_pass(u, x, g32, b32, dh_kk, C, True, -1.0, split_fp16)
     dge, dh_kv0 = chunk_state_pass(x, do, g32, b32, dh_kv, C, True, 1.0, split_fp16)
 

@@ -24,6 +24,8 @@ from .chunk_states import chunk_state_pass
 # Largest (padded) key size whose K x K state tiles stay on chip (hi + lo bf16 operands: 64 KiB at
 # 128; at 256 the CG kernel asks for 368 KiB of shared memory, measured on an H200 where 227 KiB fit).
 RESIDENT_K_MAX = 128
+# Mixed-precision CG: accurate (3-pass) true residual and CG restart every REFRESH steps.
+REFRESH = 8
 
 
 def chunk_len(chunk_size: int, K: int) -> int:
@@ -66,6 +68,21 @@ def _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, h_ptr, scr_
 
 
 @triton.jit
+def _matvec_fast(p, k16, kt16, mdec, eb, h16, hinv, lamb):
+    """A(P) with single-pass fp16 products (mixed-precision CG iterations, H_c resident).
+    Rows are independent systems, so each row of P is scaled by a power of two to max |p| ~ 1
+    before the fp16 cast (fp16 has no exponent range for small residual directions) and the
+    product is unscaled after; h16 holds H_c scaled by the power of two 1 / hinv."""
+    pmax = tl.max(tl.abs(p), 1)  # (C,)
+    sc = tl.exp2(-tl.ceil(tl.log2(tl.maximum(pmax, 1e-30))))  # (C,) power of two
+    ps = (p * sc[:, None]).to(tl.float16)  # (C, BK)
+    s = tl.dot(ps, kt16) * mdec  # (C, C); |s| <= sqrt(K) for unit keys
+    w = tl.dot(s.to(tl.float16), k16)  # (C, BK)
+    w += (eb * hinv)[:, None] * tl.dot(ps, h16)
+    return w / sc[:, None] + p * lamb[None, :]
+
+
+@triton.jit
 def _chunk_cg_kernel(
     q_ptr,  # (B, T, H, K) rhs source (fwd)
     k_ptr,  # (B, T, H, K)
@@ -86,6 +103,7 @@ def _chunk_cg_kernel(
     T, H, K, V, NT, cg_steps, cg_tol,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HB: tl.constexpr, BWD: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
+    MIXED: tl.constexpr, REFRESH: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -132,6 +150,14 @@ def _chunk_cg_kernel(
     else:
         h_hi = k_hi  # unused placeholders: H_c is streamed
         h_lo = k_lo
+    if MIXED:
+        # fp16 operands of the fast matvec; H_c scaled by a power of two into fp16's range
+        k16 = kf.to(tl.float16)
+        kt16 = tl.trans(k16)
+        hmax = tl.max(tl.max(tl.abs(hc), 1), 0)
+        hsc = tl.exp2(-tl.ceil(tl.log2(tl.maximum(hmax, 1e-30))))
+        h16 = (hc * hsc).to(tl.float16)  # (BK, BK)
+        hinv = 1.0 / hsc
     hdiag = tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0)  # (BK,)
     diag = eb[:, None] * hdiag[None, :] + mm(mdec, kf * kf, False, False, SPLIT_FP16)
     diag = diag + lamb[None, :]  # (C, BK)
@@ -170,19 +196,34 @@ def _chunk_cg_kernel(
     it = 0
     n_active = tl.sum(active.to(tl.int32), 0)
     while (it < cg_steps) & (n_active > 0):
-        w = _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
-                   hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
+        if MIXED:
+            w = _matvec_fast(p, k16, kt16, mdec, eb, h16, hinv, lamb)
+        else:
+            w = _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
+                        hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
         pw = tl.sum(p * w, 1)
         ok = active & (pw > 0) & (pw < float("inf"))
         alpha = tl.where(ok, d / tl.where(ok, pw, 1.0), 0.0)
         x = tl.where(ok[:, None], x + alpha[:, None] * p, x)
-        r = tl.where(ok[:, None], r - alpha[:, None] * w, r)
+        keep_p = 1.0
+        if MIXED and ((it + 1) % REFRESH == 0):
+            # true residual from the accurate split matvec, then a CG restart (p = r)
+            # (stopped rows never read r again: no select against the old r, one tile less live)
+            if BWD:
+                b_rhs = rhs
+            else:
+                b_rhs = tl.load(q_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0).to(tl.float32)
+            r = b_rhs - _matvec(x, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
+                                hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
+            keep_p = 0.0
+        else:
+            r = tl.where(ok[:, None], r - alpha[:, None] * w, r)
         d_new = tl.sum(r * r, 1)
         steps += ok.to(tl.int32)
         go = ok & (d_new > 0)
         if cg_tol > 0:
             go = go & (d_new > tol2 * d0)
-        bcg = tl.where(go, d_new / tl.where(go, d, 1.0), 0.0)
+        bcg = tl.where(go, keep_p * d_new / tl.where(go, d, 1.0), 0.0)
         p = tl.where(go[:, None], r + bcg[:, None] * p, 0.0)
         d = tl.where(go, d_new, d)
         active = go
@@ -234,9 +275,11 @@ def _use_fp16_split() -> bool:
 
 def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb,
                     chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
-                    num_warps: int | None = None) -> None:
+                    num_warps: int | None = None, mixed: bool = True, refresh: int = REFRESH) -> None:
     """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel).
-    num_warps: None picks the default (8 for K > 64, else 4); benchmarks pass others."""
+    num_warps: None picks the default (8 for K > 64, else 4); benchmarks pass others.
+    mixed: fp16 single-pass CG matvecs with the true residual every `refresh` steps (only with
+    H_c resident, K <= RESIDENT_K_MAX); False: every matvec a 3-pass split."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
@@ -251,19 +294,24 @@ def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlam
         T, H, K, V, NT, cg_steps, cg_tol,
         C=chunk_size, BK=BK, BV=BV, HB=HB, BWD=bwd,
         K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt, SPLIT_FP16=split_fp16,
+        MIXED=mixed and HB == BK, REFRESH=refresh,
         num_warps=num_warps or (8 if BK >= 128 else 4),
+        # NOTE: the mixed backward kernel with pipelined loads asked 270336 B of shared memory on an
+        # H200 (232448 B allowed); unpipelined it compiles to 180224 B (sm_90a compiler report)
+        num_stages=1 if (mixed and bwd) else 3,
     )
 
 
 def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               lamb: torch.Tensor, h_kk: torch.Tensor, h_kv: torch.Tensor, chunk_size: int, cg_steps: int,
-              cg_tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              cg_tol: float, *, mixed: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunkwise MesaNet forward with Triton kernels.
 
     q, k: (B, T, H, K) L2-normalised; v: (B, T, H, V); g, beta: (B, T, H); lamb: (H, K) fp32;
     h_kk (B, H, K, K), h_kv (B, H, K, V): fp32 initial state.
     Returns o (B, T, H, V) in v.dtype, q* (B, T, H, K) fp32, final h_kk, h_kv (fp32),
-    steps (B, T, H) int32.
+    steps (B, T, H) int32. mixed=False runs every CG matvec as a 3-pass split (the accurate path).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -281,5 +329,5 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     o = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
     launch_chunk_cg(q, k, v, g32, b32, lamb, hs, gs, x, o, steps, o, x, g32, lamb,
-                    chunk_size, cg_steps, cg_tol, bwd=False)
+                    chunk_size, cg_steps, cg_tol, bwd=False, mixed=mixed)
     return o, x, h_kk_out, h_kv_out, steps
