@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from mesa_compile import MesaConfig, MesaLayer, MesaNetLM  # noqa: E402
-from mesa_compile.export import names, plugin, to_onnx  # noqa: E402
+from mesa_compile.export import names, plugin, read_metadata, to_onnx  # noqa: E402
 from mesa_compile.export.onnx_export import _flatten  # noqa: E402
 
 RTOL = 1e-4
@@ -118,6 +118,9 @@ def test_graph_structure(model, exported, graph):
     )
     state_outputs = [o.name for o in plug.graph.output][1:]
     assert state_outputs == [names.state_output(i, f) for i in range(n_layers) for f in names.STATE_FIELDS]
+    meta = read_metadata(plug)
+    assert (meta["kind"], meta["graph"], meta["cg"]) == ("lm", graph, "plugin")
+    assert meta["config"]["n_layers"] == n_layers
     for proto in (fixed, loop, plug):
         plugin.register_schemas()
         onnx.checker.check_model(proto, full_check=True)
@@ -163,9 +166,11 @@ def test_layer_alone(tmp_path):
 
 
 def test_float16_decode(model, tmp_path):
-    """fp16 weights / activations / conv caches, fp32 Mesa states and CG: 32 teacher-forced tokens on
-    onnxruntime CPU (the gpu test runs 64 on CUDA) stay within 1e-2 of the fp32 torch logits (fp16 roundoff ~5e-4 per op;
-    measured 1.3e-3 on the tiny preset)."""
+    """fp16 weights / activations / conv caches, fp32 Mesa states and CG.
+
+    32 teacher-forced tokens on onnxruntime CPU (the gpu test runs 64 on CUDA) stay within 1e-2 of
+    the fp32 torch logits (fp16 roundoff ~5e-4 per op; measured 1.3e-3 on the tiny preset).
+    """
     from mesa_compile.runtimes import OrtSession
 
     path = to_onnx(model, tmp_path / "fp16.onnx", graph="decode", cg="loop", cg_steps=30, dtype=torch.float16)
