@@ -28,6 +28,17 @@ class Subcommand(NamedTuple):
 
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
+        "demo",
+        "mesa_compile.demo",
+        "train a small MesaNet on associative recall, plot accuracy vs CG steps, export to ONNX and "
+        "check onnxruntime against torch (a few minutes on CPU)",
+    ),
+    Subcommand(
+        "train",
+        "mesa_compile.cli_train",
+        "train a MesaNetLM on a synthetic task or a token file, with checkpoints",
+    ),
+    Subcommand(
         "doctor",
         "mesa_compile.doctor",
         "report versions and devices, then check every Mesa path available on this machine "
