@@ -141,7 +141,7 @@ def _chunk_grad_kernel(
 def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               lamb: torch.Tensor, h_kk: torch.Tensor, h_kv: torch.Tensor, q_star: torch.Tensor,
               do: torch.Tensor, dh_kk: torch.Tensor, dh_kv: torch.Tensor, chunk_size: int, cg_steps: int,
-              cg_tol: float, *, mixed: bool = True) -> tuple[torch.Tensor, ...]:
+              cg_tol: float, *, mixed: bool = False) -> tuple[torch.Tensor, ...]:
     """Chunkwise MesaNet backward with Triton kernels.
 
     Same arguments as chunk_fwd plus q_star (B, T, H, K) fp32 from it, do (B, T, H, V) and the final
