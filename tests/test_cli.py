@@ -99,15 +99,20 @@ def test_readme_usage_lines_match_the_parser(capsys):
         assert " ".join(usage.split()[1:]) == line
 
 
-def test_readme_python_examples_run():
-    # The third block (ONNX export: minutes on 2 cores) is exercised by the export and runtime tests.
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)[:2]
-    ops_example, model_example = ({} for _ in blocks)
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)[:3]
+    assert len(blocks) == 3, "README: ops, model and export examples"
+    monkeypatch.chdir(tmp_path)  # the export example writes decode.onnx
+    ops_example, model_example = {}, {}
     exec(compile(blocks[0], "README.md (ops example)", "exec"), ops_example)
     exec(compile(blocks[1], "README.md (model example)", "exec"), model_example)
+    exec(compile(blocks[2], "README.md (export example)", "exec"), model_example)  # uses the model
     o, ref, steps = ops_example["o"], ops_example["ref"], ops_example["steps"]
     assert o.shape == ref.shape == (2, 50, 2, 8) and steps.dtype == torch.int32
     # cg_tol=1e-4 stops each token once its residual fell by 1e-4: o stays within 1e-3 of the exact solve.
     assert ((o - ref).norm() / ref.norm()).item() < 1e-3
     assert ops_example["o_next"].shape == (2, 2, 8)
     assert model_example["logits"].shape == (2, 16, 256) and model_example["out"].shape == (2, 20)
+    assert model_example["next_logits"].shape == (2, 256)
+    # onnxruntime's greedy tokens equal torch's (the comment in the README says so)
+    assert (torch.as_tensor(model_example["tokens"]) == model_example["out"]).all()
