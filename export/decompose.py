@@ -54,35 +54,20 @@ def cg_solve_loop(
     rounding); the loop ends after ``cg_steps`` iterations or once no row is active.
     ``iters`` is the int64 scalar number of iterations the loop ran.
     """
-    x = rhs / diag
-    r = rhs - matvec(x)
-    d = r.square().sum(-1)
-    stop = d * (cg_tol * cg_tol)
-    active = d > stop
-    steps = torch.zeros_like(d, dtype=torch.int32)
+    s, stop = reference.cg_start(matvec, rhs, diag, cg_tol)
     it = torch.zeros((), dtype=torch.int64, device=rhs.device)
 
     def cond(it, x, r, p, d, steps, active):
         return (it < cg_steps) & active.any()
 
     def body(it, x, r, p, d, steps, active):
-        w = matvec(p)
-        pw = (p * w).sum(-1)
-        ok = active & (pw > 0) & torch.isfinite(pw)
-        alpha = torch.where(ok, d / torch.where(ok, pw, torch.ones_like(pw)), torch.zeros_like(pw))
-        x = x + alpha[..., None] * p
-        r = r - alpha[..., None] * w
-        d_new = r.square().sum(-1)
-        ratio = torch.where(ok, d_new / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(d))
-        p = torch.where(ok[..., None], r + ratio[..., None] * p, p)
-        d = torch.where(ok, d_new, d)
-        return it + 1, x, r, p, d, steps + ok.to(torch.int32), ok & (d_new > stop)
+        return it + 1, *reference.cg_iteration(matvec, reference.CGState(x, r, p, d, steps, active), stop)
 
-    # NOTE: while_loop rejects carried values that alias each other (p starts as a copy of r) or
-    # whose strides differ from the body's outputs (which are contiguous).
-    carried = (it, x, r, r.clone(), d.clone(), steps, active)
-    it, x, _, _, _, steps, _ = while_loop(cond, body, tuple(t.contiguous() for t in carried))
-    return x, steps, it
+    # NOTE: while_loop rejects carried values that alias each other or whose strides differ from
+    # the body's outputs (which are contiguous); the threshold `stop` is closed over, not carried.
+    it, *carried = while_loop(cond, body, (it, *(t.contiguous() for t in s)))
+    s = reference.CGState(*carried)
+    return s.x, s.steps, it
 
 
 class _Sequence(NamedTuple):
@@ -172,16 +157,6 @@ def decode_step_loop(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps: int, cg_tol: 
     return (o.to(out_dtype), x, h_kk, h_kv, steps), iters
 
 
-def decode_step_fixed(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps: int, cg_tol: float):
-    """``reference.decode_step`` (fixed trip count while tracing), o in v's dtype.
-
-    NOTE: the reference casts v to fp32 before its ``o.to(v.dtype)``, so with fp16 values it
-    returns fp32 o and the fp16 graph's next linear layer mixes dtypes (onnx.checker rejects it).
-    """
-    o, *rest = reference.decode_step(q, k, v, g, beta, lamb, h_kk, h_kv, cg_steps, cg_tol)
-    return (o.to(v.dtype), *rest)
-
-
 def _drop_iters(fn: Solver) -> Solver:
     """The op contract has five outputs; the loop count survives as the Loop node's first output."""
 
@@ -196,7 +171,7 @@ def decompositions(cg: str) -> dict:
     if cg == "fixed":
         return {
             torch.ops.mesa.chunk_fwd.default: chunk_fwd_whole,
-            torch.ops.mesa.decode_step.default: decode_step_fixed,
+            torch.ops.mesa.decode_step.default: reference.decode_step,
         }
     if cg == "loop":
         return {

@@ -21,6 +21,9 @@ from torch import Tensor
 __all__ = [
     "exact_recurrence",
     "cg_solve",
+    "cg_start",
+    "cg_iteration",
+    "CGState",
     "chunk_fwd",
     "chunk_bwd",
     "decode_step",
@@ -89,6 +92,48 @@ def exact_recurrence(
 # ----------------------------------------------------------------------------------------------
 # Conjugate gradient with per-row early exit
 # ----------------------------------------------------------------------------------------------
+class CGState(NamedTuple):
+    """Everything one CG iteration reads and writes, per row of the batched solve."""
+
+    x: Tensor  # (..., K) iterate
+    r: Tensor  # (..., K) recursive residual
+    p: Tensor  # (..., K) search direction
+    d: Tensor  # (...)    r.r
+    steps: Tensor  # (...) int32 updates made
+    active: Tensor  # (...) bool, the row still iterates
+
+
+def cg_start(
+    matvec: Callable[[Tensor], Tensor], rhs: Tensor, diag: Tensor, cg_tol: float
+) -> tuple[CGState, Tensor]:
+    """Jacobi x0 = rhs / diag (one rule for prefill and decode), its residual, and the stopping
+    threshold cg_tol^2 ||r0||^2 per row."""
+    x = rhs / diag
+    r = rhs - matvec(x)
+    d = r.square().sum(-1)
+    stop = d * (cg_tol * cg_tol)
+    return CGState(x, r, r.clone(), d, torch.zeros_like(d, dtype=torch.int32), d > stop), stop
+
+
+def cg_iteration(matvec: Callable[[Tensor], Tensor], s: CGState, stop: Tensor) -> CGState:
+    """One CG step for every active row; finished and broken-down rows keep their values.
+
+    NOTE: no epsilon in the alpha/beta denominators: fla's 1e-5 sets an error floor near 1e-5 and
+    hides breakdown (mesanet-math.md section 2). Breakdown (p.Ap <= 0 or non-finite) stops the row.
+    """
+    w = matvec(s.p)
+    pw = (s.p * w).sum(-1)
+    ok = s.active & (pw > 0) & torch.isfinite(pw)
+    alpha = torch.where(ok, s.d / torch.where(ok, pw, torch.ones_like(pw)), torch.zeros_like(pw))
+    x = s.x + alpha[..., None] * s.p
+    r = s.r - alpha[..., None] * w
+    d_new = r.square().sum(-1)
+    ratio = torch.where(ok, d_new / torch.where(ok, s.d, torch.ones_like(s.d)), torch.zeros_like(s.d))
+    p = torch.where(ok[..., None], r + ratio[..., None] * s.p, s.p)
+    d = torch.where(ok, d_new, s.d)
+    return CGState(x, r, p, d, s.steps + ok.to(torch.int32), ok & (d_new > stop))
+
+
 def cg_solve(
     matvec: Callable[[Tensor], Tensor],
     rhs: Tensor,  # (..., K)
@@ -98,35 +143,15 @@ def cg_solve(
 ) -> tuple[Tensor, Tensor]:
     """Solve ``A x = rhs`` row by row with CG; returns (x, steps (...) int32).
 
-    x0 is the Jacobi guess ``rhs / diag`` (one rule for prefill and decode). A row stops when
-    ``||r|| <= cg_tol * ||r0||`` (cg_tol > 0), when its residual is exactly zero, or on breakdown
-    (``p.Ap <= 0`` or non-finite): then it keeps its last finite x instead of poisoning the output.
-    NOTE: no epsilon in the alpha/beta denominators: fla's 1e-5 sets an error floor near 1e-5 and
-    hides breakdown (mesanet-math.md section 2).
+    A row stops when ``||r|| <= cg_tol * ||r0||`` (cg_tol > 0), when its residual is exactly zero,
+    or on breakdown: then it keeps its last finite x instead of poisoning the output.
     """
-    x = rhs / diag
-    r = rhs - matvec(x)
-    p = r
-    d = r.square().sum(-1)
-    stop = d * (cg_tol * cg_tol)
-    active = d > stop
-    steps = torch.zeros_like(d, dtype=torch.int32)
+    s, stop = cg_start(matvec, rhs, diag, cg_tol)
     for _ in range(cg_steps):
-        if not _is_symbolic(rhs) and not bool(active.any()):
+        if not _is_symbolic(rhs) and not bool(s.active.any()):
             break  # eager only: tracing keeps the fixed trip count
-        w = matvec(p)
-        pw = (p * w).sum(-1)
-        ok = active & (pw > 0) & torch.isfinite(pw)
-        alpha = torch.where(ok, d / torch.where(ok, pw, torch.ones_like(pw)), torch.zeros_like(pw))
-        x = x + alpha[..., None] * p
-        r = r - alpha[..., None] * w
-        d_new = r.square().sum(-1)
-        ratio = torch.where(ok, d_new / torch.where(ok, d, torch.ones_like(d)), torch.zeros_like(d))
-        p = torch.where(ok[..., None], r + ratio[..., None] * p, p)
-        d = torch.where(ok, d_new, d)
-        steps = steps + ok.to(torch.int32)
-        active = ok & (d_new > stop)
-    return x, steps
+        s = cg_iteration(matvec, s, stop)
+    return s.x, s.steps
 
 
 # ----------------------------------------------------------------------------------------------

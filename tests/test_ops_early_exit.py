@@ -11,7 +11,7 @@ def _residual_ratios(q, k, v, g, beta, lamb, cg_steps, cg_tol):
     """Per token ||q - A x|| / ||q - A x0|| with x from the op itself (q_star), x0 the Jacobi guess."""
     qn, kn = reference.l2_normalize(q), reference.l2_normalize(k)
     B, T, H, K = q.shape
-    h_kk, h_kv = torch.zeros(B, H, K, K), torch.zeros(B, H, K, v.shape[-1])
+    h_kk, h_kv = torch.zeros(B, H, K, K, dtype=q.dtype), torch.zeros(B, H, K, v.shape[-1], dtype=q.dtype)
     _, x, _, _, steps = torch.ops.mesa.chunk_fwd(qn, kn, v, g, beta, lamb, h_kk, h_kv, 16, cg_steps, cg_tol)
     ratios = []
     for t in range(T):
@@ -27,7 +27,9 @@ def _residual_ratios(q, k, v, g, beta, lamb, cg_steps, cg_tol):
 
 def test_early_exit_meets_tolerance_with_fewer_steps():
     B, T, H, K, V = 2, 40, 3, 32, 16
-    inputs = mesa_inputs(B, T, H, K, V, gate_bias=1.0)  # short memory: well conditioned
+    # fp64: the stopping rule reads CG's recursive residual; in fp32 the true residual differs from
+    # it by rounding of order 1e-7 ||q||, which is not small against ||r0|| when x0 is already good.
+    inputs = mesa_inputs(B, T, H, K, V, gate_bias=1.0, dtype=torch.float64)  # short memory: well conditioned
     out = mesa_net(*inputs, cg_steps=30, cg_tol=1e-3, return_cg_steps=True)
     assert out.cg_steps.shape == (B, T, H) and out.cg_steps.dtype == torch.int32
     assert out.cg_steps.max() <= 30
@@ -35,8 +37,7 @@ def test_early_exit_meets_tolerance_with_fewer_steps():
     assert len(out.cg_steps.unique()) > 1  # per-token, not one global count
     ratios, steps = _residual_ratios(*inputs, 30, 1e-3)
     assert torch.equal(steps, out.cg_steps)
-    # The stopping rule is on CG's recursive residual; the true residual differs by fp32 rounding.
-    assert ratios.max() <= 1e-3 * 1.01
+    assert ratios.max() <= 1e-3 * (1 + 1e-6)
     exact = mesa_net_exact(*inputs).o
     assert rel_err(out.o, exact) <= 1e-2
 
