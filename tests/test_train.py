@@ -34,7 +34,7 @@ def _config(**overrides) -> TrainConfig:
 
 
 class _Stop(Exception):
-    pass
+    """Raised from inside a run to interrupt it, as a crash or a kill would."""
 
 
 def _stop_at(step: int):
