@@ -40,8 +40,10 @@ def _use_kernels(t: Tensor) -> bool:
 
 
 def _pick(name: str, t: Tensor):
-    """The Triton launcher ``kernels.<name>`` when it applies to ``t``, else the aten reference."""
-    return getattr(kernels if _use_kernels(t) else reference, name)
+    """The Triton launcher ``kernels.<name>`` when it applies to ``t`` (the keys, or q), else the aten
+    reference. The chunk kernels take K <= kernels.CHUNK_K_MAX; decode takes any K."""
+    fits = name == "decode_step" or t.shape[-1] <= kernels.CHUNK_K_MAX
+    return getattr(kernels if fits and _use_kernels(t) else reference, name)
 
 
 @_define_op(CHUNK_FWD, mutates_args=())

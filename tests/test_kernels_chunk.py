@@ -5,8 +5,7 @@ CPU: the kernels run in the Triton interpreter. Triton 3.9 reads TRITON_INTERPRE
 ``triton.jit``), i.e. when mesa_compile.ops.kernels is first imported; other test modules import it
 without the flag. So one subprocess (this file run as a script) computes the kernel outputs of all
 CPU cases with TRITON_INTERPRET=1 and TRITON_DEFAULT_FP_FUSION=0, and the tests compare them here.
-GPU (marked ``gpu``): bf16 accuracy against the exact solve and gradients (mixed-precision and
-accurate CG), long sequences, sizes.
+GPU (marked ``gpu``): bf16 accuracy against the exact solve, gradients, long sequences, sizes.
 
 Tolerances: fp32 kernels vs the fp64 reference: 1e-5 (the 3-pass fp16/bf16 split products carry
 ~22/16 mantissa bits, measured ~5e-7 in the interpreter); fp16 outputs add their rounding (2e-4 rms):
@@ -26,18 +25,12 @@ import torch.nn.functional as F
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.api import mesa_net_exact
 
-# name: (B, T, H, K, V, dtype, chunk, cg_steps, cg_tol, with backward); accurate CG (mixed=False)
+# name: (B, T, H, K, V, dtype, chunk, cg_steps, cg_tol, with backward)
 CASES = {
-    "f32_t37_converged": (1, 37, 2, 16, 24, torch.float32, 16, 16, 0.0, True),
+    "f32_t37_converged": (1, 37, 2, 16, 24, torch.float32, 16, 32, 0.0, True),
     "f16_t20": (2, 20, 2, 32, 16, torch.float16, 16, 12, 0.0, True),
     "f32_k48_v40_tol": (1, 40, 2, 48, 40, torch.float32, 32, 30, 1e-3, False),
     "f32_zero_steps": (1, 16, 2, 16, 16, torch.float32, 16, 0, 0.0, False),
-    "f32_k144_streamed_state": (1, 12, 1, 144, 16, torch.float32, 16, 20, 0.0, True),
-}
-# mixed-precision CG (fp16 matvecs, true residual every REFRESH steps), enough steps to converge:
-# compared with the converged fp64 reference
-MIXED_CASES = {
-    "mixed_f32_converged": (1, 40, 2, 32, 24, torch.float32, 16, 40, 0.0, True),
 }
 FWD_NAMES = ("o", "q_star", "h_kk", "h_kv", "steps")
 BWD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dlamb", "dh_kk0", "dh_kv0")
@@ -71,16 +64,15 @@ def _run_cases(path: str) -> None:
 
     torch.manual_seed(1234)
     results = {}
-    for name, (B, T, H, K, V, dtype, C, steps, tol, bwd) in {**CASES, **MIXED_CASES}.items():
+    for name, (B, T, H, K, V, dtype, C, steps, tol, bwd) in CASES.items():
         args = make_inputs(B, T, H, K, V, dtype)
-        mixed = name in MIXED_CASES
-        fwd = chunk_fwd(*args, C, steps, tol, mixed=mixed)
+        fwd = chunk_fwd(*args, C, steps, tol)
         res = {"args": args, "fwd": fwd}
         if bwd:
             do = torch.randn(B, T, H, V).to(dtype)
             dh = (torch.randn(B, H, K, K) / K, torch.randn(B, H, K, V) / K)
             res["grads_in"] = (do, *dh)
-            res["bwd"] = chunk_bwd(*args, fwd[1], do, *dh, C, steps, tol, mixed=mixed)
+            res["bwd"] = chunk_bwd(*args, fwd[1], do, *dh, C, steps, tol)
         results[name] = res
     torch.save(results, path)
 
@@ -103,15 +95,21 @@ def _tol(dtype: torch.dtype, name: str) -> float:
 def test_interp_fwd_matches_reference(interp_results, case):
     B, T, H, K, V, dtype, C, steps, tol, _ = CASES[case]
     res = interp_results[case]
-    want = ref.chunk_fwd(*[a.double() for a in res["args"]], C, steps, tol)
+    args64 = [a.double() for a in res["args"]]
+    # the kernel's CG rounds its search directions (chunk_cg.py): converged and zero-step results
+    # equal the reference's; an early exit stops at a residual <= tol, reached at most a few steps later
+    want = ref.chunk_fwd(*args64, C, steps if tol == 0 else 200, 0.0)
     for name, got, exp in zip(FWD_NAMES[:4], res["fwd"][:4], want[:4]):
         assert got.dtype == (dtype if name == "o" else torch.float32), name
-        assert rel(got, exp) <= _tol(dtype, name), (name, rel(got, exp))
-    # iteration counts: same arithmetic as the fp32 reference, a tolerance crossing may flip by one
-    steps_ref = ref.chunk_fwd(*[a.float() for a in res["args"]], C, steps, tol)[4]
+        bound = _tol(dtype, name) if tol == 0 or name.startswith("h_") else 10 * tol
+        assert rel(got, exp) <= bound, (name, rel(got, exp))
     assert res["fwd"][4].dtype == torch.int32
-    assert (res["fwd"][4] - steps_ref).abs().max() <= 1
     assert res["fwd"][4].max() <= steps
+    if tol > 0:
+        steps_ref = ref.chunk_fwd(*args64, C, steps, tol)[4]
+        diff = res["fwd"][4] - steps_ref
+        assert diff.min() >= -1 and diff.max() <= 3, (diff.min(), diff.max())
+        assert res["fwd"][4].float().mean() <= steps_ref.float().mean() + 1
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][-1]])
@@ -123,21 +121,6 @@ def test_interp_bwd_matches_reference(interp_results, case):
     for name, got, exp in zip(BWD_NAMES, res["bwd"], want):
         assert torch.isfinite(got).all(), name
         assert rel(got, exp) <= _tol(dtype, name), (name, rel(got, exp))
-
-
-@pytest.mark.parametrize("case", list(MIXED_CASES))
-def test_interp_mixed_converged_matches_reference(interp_results, case):
-    """Mixed-precision CG run to convergence: q*, o and all gradients within 1e-5 of the fp64
-    reference (the accurate true residual sets the final accuracy, not the fp16 matvecs)."""
-    B, T, H, K, V, dtype, C, steps, tol, _ = MIXED_CASES[case]
-    res = interp_results[case]
-    args64 = [a.double() for a in res["args"]]
-    want = ref.chunk_fwd(*args64, C, 200, tol)
-    for name, got, exp in zip(FWD_NAMES[:4], res["fwd"][:4], want[:4]):
-        assert rel(got, exp) <= 1e-5, (name, rel(got, exp))
-    want = ref.chunk_bwd(*args64, want[1], *[t.double() for t in res["grads_in"]], C, 200, tol)
-    for name, got, exp in zip(BWD_NAMES, res["bwd"], want):
-        assert rel(got, exp) <= 1e-5, (name, rel(got, exp))
 
 
 def test_interp_converged_matches_exact(interp_results):
@@ -165,25 +148,26 @@ def _exact_o(args):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "accurate"])
 @pytest.mark.parametrize("regime", ["random", "ill_conditioned"])
-def test_gpu_bf16_accuracy_vs_exact(regime, mixed):
-    """30 CG steps, bf16 inputs: q* (fp32) within 1e-3 of the exact solve; o within 1e-3 of the exact
-    o rounded to bf16 (bf16 rounding alone is 1.7e-3 rms, so o is compared in the output format)."""
+def test_gpu_bf16_accuracy_vs_exact(regime):
+    """30 CG steps, bf16 inputs: o computed in fp32 (out_dtype) within 1e-3 of the exact solve; the
+    default bf16 o within 1e-3 of the exact o rounded to bf16 (bf16 rounding alone is 1.7e-3 rms)."""
     from mesa_compile.ops.kernels import chunk_fwd
 
     kw = dict(corr=3.0, gate_bias=6.0, lamb=0.25) if regime == "ill_conditioned" else {}
     args = make_inputs(1, 1024, 4, 128, 128, torch.bfloat16, "cuda", state=False, **kw)
-    o, x, *_ = chunk_fwd(*args, 64, 30, 0.0, mixed=mixed)
+    o, x, *_ = chunk_fwd(*args, 64, 30, 0.0)
+    o32 = chunk_fwd(*args, 64, 30, 0.0, out_dtype=torch.float32)[0]
     o_ex = _exact_o(args)
-    assert torch.isfinite(o).all()
+    assert torch.isfinite(o).all() and o.dtype == torch.bfloat16 and o32.dtype == torch.float32
+    assert rel(o32, o_ex) <= 1e-3
     assert rel(o, o_ex.to(torch.bfloat16)) <= 1e-3
     assert rel(o.float(), o_ex) <= 2.5e-3
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "K,V", [(16, 16), (48, 80), (96, 96), (128, 64), (64, 256), pytest.param(256, 128, marks=pytest.mark.slow)]
+    "K,V", [(16, 16), (48, 80), (96, 96), (128, 64), (64, 256)]
 )
 def test_gpu_sizes_match_reference(K, V):
     from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
@@ -204,9 +188,8 @@ def test_gpu_sizes_match_reference(K, V):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "accurate"])
 @pytest.mark.parametrize("regime", ["random", "ill_conditioned"])
-def test_gpu_bf16_gradients(regime, mixed):
+def test_gpu_bf16_gradients(regime):
     """Gradients from the kernels vs the fp64 reference with a converged adjoint solve: <= 2e-3
     (dq/dk/dv compared in fp32 before their bf16 rounding would add 1.7e-3)."""
     from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
@@ -214,16 +197,31 @@ def test_gpu_bf16_gradients(regime, mixed):
     kw = dict(corr=3.0, gate_bias=6.0, lamb=0.25) if regime == "ill_conditioned" else {}
     B, T, H, K = 1, 512, 2, 128
     args = make_inputs(B, T, H, K, K, torch.bfloat16, "cuda", state=False, **kw)
-    _, x, *_ = chunk_fwd(*args, 64, 30, 0.0, mixed=mixed)
+    _, x, *_ = chunk_fwd(*args, 64, 30, 0.0)
     do = torch.randn(B, T, H, K, device="cuda").bfloat16()
     dh = (torch.zeros(B, H, K, K, device="cuda"), torch.zeros(B, H, K, K, device="cuda"))
-    got = chunk_bwd(*args, x, do, *dh, 64, 30, 0.0, mixed=mixed)
+    got = chunk_bwd(*args, x, do, *dh, 64, 30, 0.0)
     a64 = [a.double() for a in args]
     x64 = ref.chunk_fwd(*a64, 64, 200, 0.0)[1]
     want = ref.chunk_bwd(*a64, x64, do.double(), *[d.double() for d in dh], 64, 200, 0.0)
     for name, a, b in zip(BWD_NAMES[:6], got, want):
         lowp = name in ("dq", "dk", "dv")
         assert rel(a, b) <= (3e-3 if lowp else 2e-3), (name, rel(a, b))
+
+
+def test_large_keys_route_to_aten(monkeypatch):
+    """The chunk kernels take K <= CHUNK_K_MAX; the ops run aten above it, and decode any K."""
+    pytest.importorskip("triton")
+    from mesa_compile.ops import kernels, library
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    small, large = torch.empty(1, 1, 1, kernels.CHUNK_K_MAX), torch.empty(1, 1, 1, kernels.CHUNK_K_MAX + 16)
+    assert library._pick("chunk_fwd", small) is kernels.chunk_fwd
+    assert library._pick("chunk_bwd", large) is ref.chunk_bwd
+    assert library._pick("chunk_fwd", large) is ref.chunk_fwd
+    assert library._pick("decode_step", large) is kernels.decode_step
+    with pytest.raises(ValueError, match="K <= 128"):
+        kernels.chunk_fwd(*make_inputs(1, 4, 1, 144, 16, torch.float32), 16, 2, 0.0)
 
 
 @pytest.mark.gpu

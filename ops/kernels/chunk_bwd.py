@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_cg import RESIDENT_K_MAX, _use_fp16_split, chunk_len, launch_chunk_cg
+from .chunk_cg import _use_fp16_split, check_key_size, chunk_len, launch_chunk_cg
 from .chunk_common import mm, mm_pre, split_hi, split_lo
 from .chunk_states import chunk_state_pass
 
@@ -37,9 +37,8 @@ def _chunk_grad_kernel(
     dk_ptr,  # (B, T, H, K) out
     dv_ptr,  # (B, T, H, V) out
     dbeta_ptr,  # (B, T, H) fp32 out
-    scr_ptr,  # (NT * B * H, 2, C, BK) fp32 scratch (used when HB < BK)
     T, H, K, V, NT,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HB: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -86,26 +85,12 @@ def _chunk_grad_kernel(
     ku = mm_pre(k_hi, k_lo, tl.trans(u_hi), tl.trans(u_lo), K_EXACT, False) * wdec
     kx_hi = split_hi(kx, SPLIT_FP16)
     kx_lo = split_lo(kx, kx_hi, SPLIT_FP16)
-    if HB == BK:
-        dh = tl.load(dhe_ptr + hbase + ik[:, None] * K + ik[None, :], mask=km[:, None] & km[None, :],
-                     other=0.0)  # (BK, BK)
-        dh_hi = split_hi(dh, SPLIT_FP16)
-        dh_lo = split_lo(dh, dh_hi, SPLIT_FP16)
-        r1 = mm_pre(ke_hi, ke_lo, tl.trans(dh_hi), tl.trans(dh_lo), False, False)  # (C, BK)
-        r2 = mm_pre(ke_hi, ke_lo, dh_hi, dh_lo, False, False)
-    else:
-        # K > 128: DH streamed in column / row blocks, the (C, BK) products meet in scratch
-        scr = scr_ptr + (pid_c * tl.num_programs(1) + pid_bh).to(tl.int64) * 2 * C * BK
-        for j0 in tl.static_range(0, BK, HB):
-            jj = j0 + tl.arange(0, HB)
-            jm = km[:, None] & (jj < K)[None, :]
-            dcol = tl.load(dhe_ptr + hbase + ik[:, None] * K + jj[None, :], mask=jm, other=0.0)  # DH[:, j]
-            drow = tl.load(dhe_ptr + hbase + jj[None, :] * K + ik[:, None], mask=jm, other=0.0)  # DH[j, :]^T
-            tl.store(scr + rows[:, None] * BK + jj[None, :], mm(ke, drow, False, False, SPLIT_FP16))
-            tl.store(scr + (C + rows[:, None]) * BK + jj[None, :], mm(ke, dcol, False, False, SPLIT_FP16))
-        tl.debug_barrier()
-        r1 = tl.load(scr + rows[:, None] * BK + ik[None, :])
-        r2 = tl.load(scr + (C + rows[:, None]) * BK + ik[None, :])
+    dh = tl.load(dhe_ptr + hbase + ik[:, None] * K + ik[None, :], mask=km[:, None] & km[None, :],
+                 other=0.0)  # (BK, BK)
+    dh_hi = split_hi(dh, SPLIT_FP16)
+    dh_lo = split_lo(dh, dh_hi, SPLIT_FP16)
+    r1 = mm_pre(ke_hi, ke_lo, tl.trans(dh_hi), tl.trans(dh_lo), False, False)  # (C, BK)
+    r2 = mm_pre(ke_hi, ke_lo, dh_hi, dh_lo, False, False)
     r1 -= mm_pre(kx_hi, kx_lo, u_hi, u_lo, False, False)
     r2 -= mm(ku, x, False, False, SPLIT_FP16)
 
@@ -141,16 +126,17 @@ def _chunk_grad_kernel(
 def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               lamb: torch.Tensor, h_kk: torch.Tensor, h_kv: torch.Tensor, q_star: torch.Tensor,
               do: torch.Tensor, dh_kk: torch.Tensor, dh_kv: torch.Tensor, chunk_size: int, cg_steps: int,
-              cg_tol: float, *, mixed: bool = False) -> tuple[torch.Tensor, ...]:
+              cg_tol: float) -> tuple[torch.Tensor, ...]:
     """Chunkwise MesaNet backward with Triton kernels.
 
     Same arguments as chunk_fwd plus q_star (B, T, H, K) fp32 from it, do (B, T, H, V) and the final
     state gradients dh_kk (B, H, K, K), dh_kv (B, H, K, V). Returns (dq, dk, dv, dg, dbeta, dlamb,
     dh_kk0, dh_kv0): dq/dk/dv in the dtypes of q/k/v, dg/dbeta like g/beta, dlamb (H, K) fp32,
-    dh_* fp32 (gradient of the initial state). mixed: CG precision of the adjoint solve (chunk_fwd).
+    dh_* fp32 (gradient of the initial state).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
+    check_key_size(K)
     C = chunk_len(chunk_size, K)
     NT = triton.cdiv(T, C)
     split_fp16 = _use_fp16_split()
@@ -164,13 +150,14 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dh_kk = dh_kk.float().contiguous()
     dh_kv = dh_kv.float().contiguous()
 
-    hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16)
+    hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16,
+                                 split_out=True)
     gs, g_end = chunk_state_pass(k, v, g32, b32, h_kv.float().contiguous(), C, False, 1.0, split_fp16)
     u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
     launch_chunk_cg(x, k, v, g32, b32, lamb32, hs, gs, x, do, dc, do, u, dc, dlamb_part,
-                    C, cg_steps, cg_tol, bwd=True, mixed=mixed)
+                    C, cg_steps, cg_tol, bwd=True)
     dhe, dh_kk0 = chunk_state_pass(u, x, g32, b32, dh_kk, C, True, -1.0, split_fp16)
     dge, dh_kv0 = chunk_state_pass(x, do, g32, b32, dh_kv, C, True, 1.0, split_fp16)
 
@@ -179,11 +166,9 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(64, triton.next_power_of_2(V)))
-    HB = BK if BK <= RESIDENT_K_MAX else 64
-    scr = torch.empty(NT * B * H * 2 * C * BK if HB < BK else 1, device=k.device, dtype=torch.float32)
     torch.library.wrap_triton(_chunk_grad_kernel)[(NT, B * H)](
-        k, v, g32, b32, x, u, do, dhe, dge, dk, dv, dbeta, scr, T, H, K, V, NT,
-        C=C, BK=BK, BV=BV, HB=HB, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
+        k, v, g32, b32, x, u, do, dhe, dge, dk, dv, dbeta, T, H, K, V, NT,
+        C=C, BK=BK, BV=BV, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
         SPLIT_FP16=split_fp16, num_warps=8 if BK >= 128 else 4,
     )
 

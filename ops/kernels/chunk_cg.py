@@ -1,9 +1,9 @@
 """Chunkwise MesaNet CG solve: one program runs the whole CG loop of one (chunk, batch, head).
 
-Per chunk of C rows with chunk-start states H_c, G_c and within-chunk cumulative log decay b:
-  M[t, s] = 1[t >= s] e^{b_t - b_s} beta_s                       (C, C)
-  A(P)    = ((P K^T) * M) K + e^b * (P H_c) + P * lamb            (C, K)   one CG matvec
-  diag_t  = e^{b_t} diag(H_c) + M @ (K * K)                        Jacobi preconditioner / x0
+Per chunk of C rows (tokens) with chunk-start states H_c, G_c and within-chunk cumulative log decay b:
+  M[t, s] = 1[t >= s] e^{b_t - b_s} beta_s                              (C, C)
+  A(p)_t  = sum_s M[t, s] (k_s . p_t) k_s + e^{b_t} H_c p_t + lamb p_t    one CG matvec
+  diag_t  = e^{b_t} diag(H_c) + sum_s M[t, s] k_s * k_s + lamb            Jacobi x0
 Forward (BWD=False): solve A x = q, write q* = x, o = ((X K^T) * M) V + e^b * (X G_c), steps.
 Backward (BWD=True): rhs dx = ((dO V^T) * M) K + e^b * (dO G_c^T), solve A u = dx, write u,
   dc_t = -u_t . (H_t x_t) + x_t . dx_t   (the o.do term equals x.dx), and per-chunk
@@ -11,6 +11,23 @@ Backward (BWD=True): rhs dx = ((dO V^T) * M) K + e^b * (dO G_c^T), solve A u = d
 CG rows (tokens) stop individually: breakdown (p.w <= 0 or non-finite) keeps that row's x;
 cg_tol > 0 stops a row at ||r||^2 <= tol^2 ||r0||^2; a row with r == 0 stops. The loop exits
 once no row is active, and after cg_steps iterations at most.
+
+NOTE (layout): every tile is held transposed, tokens along the columns: X^T, R^T (BK, C) fp32 and
+the search directions P^T (BK, C), so a CG matvec is
+  S^T = (K P^T) * M^T  (C, C)        W^T = e^b * (H_c P^T) + K^T S^T + lamb P^T  (BK, C)
+with the loop-invariant K, K^T, H_c as the A operands (shared memory) and M = BK = 128 split across
+the two warp groups. With tokens as M (C = 64 rows) both warp groups of 8 warps needed their own
+register copies of every per-step A operand: 255 registers and 4.2 KB of spills per thread
+(sm_90a compiler report, benchmarks/NOTES-kernels.md).
+NOTE (numerics): CG with rounded search directions. P is rounded to the split dtype and the rounded
+p~ is used consistently (x += alpha p~, r -= alpha A p~, alpha = r.p~ / p~.A p~, next p = r + beta p~),
+so r stays the residual of x: the rounding slows convergence a little but sets no error floor.
+Products with p~ are exact in one pass, so a step costs K P~ (1 pass), K^T S (2: S split) and H_c P~
+(2: H_c split) instead of 7 split passes. fp64 simulation (bf16 directions, cond 369, B=1 T=384 H=4
+K=128, rel. error of o vs the exact solve): 10 steps 5.7e-5 (unrounded CG 2.3e-7), 30 steps 1.8e-12
+(4.8e-15). alpha = r.r / p~.A p~ instead diverged in the interpreter, whose fp16 directions underflow
+once r is tiny. Products that must be accurate for a general fp32 x (the residual of x0, H_t x_t in
+the backward, the read-out) use A(x) = A(x_hi) + A(x_lo) or 3-pass splits.
 """
 from __future__ import annotations
 
@@ -21,65 +38,45 @@ import triton.language as tl
 from .chunk_common import mm, mm_pre, split_hi, split_lo
 from .chunk_states import chunk_state_pass
 
-# Largest (padded) key size whose K x K state tiles stay on chip (hi + lo bf16 operands: 64 KiB at
-# 128; at 256 the CG kernel asks for 368 KiB of shared memory, measured on an H200 where 227 KiB fit).
-RESIDENT_K_MAX = 128
-# Mixed-precision CG: accurate (3-pass) true residual and CG restart every REFRESH steps.
-REFRESH = 8
+# Largest key size of the chunk kernels: the K x K state tile H_c stays in shared memory as a bf16
+# (hi, lo) pair, 64 KiB at 128. Larger keys run the aten path (ops/library.py): a variant streaming
+# H_c from memory by row blocks passed the interpreter but faulted on an H200 (illegal address inside
+# the CG loop, K = 144 and 256) and was removed.
+CHUNK_K_MAX = 128
+
+
+def check_key_size(K: int) -> None:
+    """The chunk kernels' key-size limit, checked before anything is launched."""
+    if K > CHUNK_K_MAX:
+        raise ValueError(f"the chunk kernels take K <= {CHUNK_K_MAX}, got {K} (the mesa ops run aten there)")
 
 
 def chunk_len(chunk_size: int, K: int) -> int:
-    """Chunk length the kernels use: at most 32 when K > RESIDENT_K_MAX (register pressure);
-    the result does not depend on it beyond rounding."""
-    return chunk_size if triton.next_power_of_2(K) <= RESIDENT_K_MAX else min(chunk_size, 32)
+    """Chunk length the kernels use: at most 32 at K > 64. The result does not depend on it beyond
+    rounding. NOTE: on an H200 (B=8 T=2048 H=16 K=V=128, bf16, 30 CG steps) the CG kernel took
+    7.2 ms at C = 32 / 4 warps against 9.1 ms at C = 64 / 8 warps (benchmarks/NOTES-kernels.md)."""
+    return chunk_size if K <= 64 else min(chunk_size, 32)
 
 
 @triton.jit
-def _ph_blocked(p_hi, p_lo, h_ptr, scr_ptr, K, rows, ik, km,
-                BK: tl.constexpr, HB: tl.constexpr, SPLIT_FP16: tl.constexpr):
-    """P @ H_c with H_c streamed from memory in (BK, HB) column blocks (K > 128: H_c does not fit on
-    chip); the blocks of the (C, BK) result meet in a per-program scratch tile."""
-    tl.debug_barrier()  # earlier reads of the scratch tile are done
-    for j0 in tl.static_range(0, BK, HB):
-        jj = j0 + tl.arange(0, HB)
-        hb = tl.load(h_ptr + ik[:, None] * K + jj[None, :], mask=km[:, None] & (jj < K)[None, :], other=0.0)
-        hb_hi = split_hi(hb, SPLIT_FP16)
-        wb = mm_pre(p_hi, p_lo, hb_hi, split_lo(hb, hb_hi, SPLIT_FP16), False, False)  # (C, HB)
-        tl.store(scr_ptr + rows[:, None] * BK + jj[None, :], wb)
-    tl.debug_barrier()
-    return tl.load(scr_ptr + rows[:, None] * BK + ik[None, :])
+def _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
+            K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """A(P)^T (BK, C) fp32 for directions P^T (BK, C) given in the split dtype (exact there)."""
+    st = mm_pre(k_hi, k_lo, pt, pt, K_EXACT, True) * mdec_t  # (C, C) S^T
+    w = mm_pre(h_hi, h_lo, pt, pt, False, True)  # (BK, C) H_c P^T
+    st_hi = split_hi(st, SPLIT_FP16)
+    w = mm_pre(kt_hi, kt_lo, st_hi, split_lo(st, st_hi, SPLIT_FP16), K_EXACT, False, w * eb[None, :])
+    return w + lamb[:, None] * pt.to(tl.float32)
 
 
 @triton.jit
-def _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb, h_ptr, scr_ptr, K, rows, ik, km,
-            BK: tl.constexpr, HB: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
-    """A(P) for the (C, BK) block P of search directions, fp32 out (3-pass split products).
-    HB == BK: H_c resident on chip (h_hi, h_lo); else streamed by column blocks of HB."""
-    p_hi = split_hi(p, SPLIT_FP16)
-    p_lo = split_lo(p, p_hi, SPLIT_FP16)
-    s = mm_pre(p_hi, p_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
-    s_hi = split_hi(s, SPLIT_FP16)
-    w = mm_pre(s_hi, split_lo(s, s_hi, SPLIT_FP16), k_hi, k_lo, False, K_EXACT)  # (C, BK)
-    if HB == BK:
-        w += eb[:, None] * mm_pre(p_hi, p_lo, h_hi, h_lo, False, False)
-    else:
-        w += eb[:, None] * _ph_blocked(p_hi, p_lo, h_ptr, scr_ptr, K, rows, ik, km, BK, HB, SPLIT_FP16)
-    return w + p * lamb[None, :]
-
-
-@triton.jit
-def _matvec_fast(p, k16, kt16, mdec, eb, h16, hinv, lamb):
-    """A(P) with single-pass fp16 products (mixed-precision CG iterations, H_c resident).
-    Rows are independent systems, so each row of P is scaled by a power of two to max |p| ~ 1
-    before the fp16 cast (fp16 has no exponent range for small residual directions) and the
-    product is unscaled after; h16 holds H_c scaled by the power of two 1 / hinv."""
-    pmax = tl.max(tl.abs(p), 1)  # (C,)
-    sc = tl.exp2(-tl.ceil(tl.log2(tl.maximum(pmax, 1e-30))))  # (C,) power of two
-    ps = (p * sc[:, None]).to(tl.float16)  # (C, BK)
-    s = tl.dot(ps, kt16) * mdec  # (C, C); |s| <= sqrt(K) for unit keys
-    w = tl.dot(s.to(tl.float16), k16)  # (C, BK)
-    w += (eb * hinv)[:, None] * tl.dot(ps, h16)
-    return w / sc[:, None] + p * lamb[None, :]
+def _matvec_accurate(xt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
+                     K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """A(X)^T for an fp32 X^T (BK, C): A is linear, so A(x) = A(x_hi) + A(x_lo)."""
+    x_hi = split_hi(xt, SPLIT_FP16)
+    w = _matvec(x_hi, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+    return w + _matvec(split_lo(xt, x_hi, SPLIT_FP16), k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo,
+                       lamb, K_EXACT, SPLIT_FP16)
 
 
 @triton.jit
@@ -90,7 +87,7 @@ def _chunk_cg_kernel(
     g_ptr,  # (B, T, H) fp32
     beta_ptr,  # (B, T, H) fp32
     lamb_ptr,  # (H, K) fp32
-    hs_ptr,  # (B, NT, H, K, K) fp32 chunk-start H
+    hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype
     gs_ptr,  # (B, NT, H, K, V) fp32 chunk-start G
     x_ptr,  # (B, T, H, K) fp32: fwd out q*, bwd in q*
     o_ptr,  # (B, T, H, V) fwd out
@@ -99,11 +96,9 @@ def _chunk_cg_kernel(
     u_ptr,  # (B, T, H, K) fp32 bwd out
     dc_ptr,  # (B, T, H) fp32 bwd out
     dlamb_ptr,  # (B, NT, H, K) fp32 bwd out
-    scr_ptr,  # (NT * B * H, C, BK) fp32 scratch (used when HB < BK)
     T, H, K, V, NT, cg_steps, cg_tol,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HB: tl.constexpr, BWD: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BWD: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
-    MIXED: tl.constexpr, REFRESH: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -112,26 +107,26 @@ def _chunk_cg_kernel(
     cg_tol = tl.cast(cg_tol, tl.float32)
     tol2 = cg_tol * cg_tol
 
-    rows = tl.arange(0, C)
-    t = pid_c * C + rows  # (C,)
+    cols = tl.arange(0, C)
+    t = pid_c * C + cols  # (C,)
     tm = t < T
     tok = (bb * T + t) * H + hh  # (C,)
     ik = tl.arange(0, BK)
     km = ik < K
-    ck = tm[:, None] & km[None, :]  # (C, BK)
-    hbase = ((bb * NT + pid_c) * H + hh) * K * K
+    kc = km[:, None] & tm[None, :]  # (BK, C)
+    hbase = ((bb * NT + pid_c) * H + hh) * 2 * K * K
     gbase = ((bb * NT + pid_c) * H + hh) * K * V
 
     g = tl.load(g_ptr + tok, mask=tm, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + tok, mask=tm, other=0.0).to(tl.float32)
     bcum = tl.cumsum(g, 0)  # (C,)
     eb = tl.exp(bcum)
-    causal = rows[:, None] >= rows[None, :]
-    mdec = tl.where(causal, tl.exp(bcum[:, None] - bcum[None, :]), 0.0) * beta[None, :]  # (C, C)
-    # padded columns get lamb = 1 so that A stays the identity there and x stays 0
+    causal_t = cols[:, None] <= cols[None, :]  # [s, t]: s <= t
+    mdec_t = tl.where(causal_t, tl.exp(bcum[None, :] - bcum[:, None]), 0.0) * beta[:, None]  # (C, C) M^T
+    # padded key rows get lamb = 1 so that A stays the identity there and x stays 0
     lamb = tl.load(lamb_ptr + hh * K + ik, mask=km, other=1.0).to(tl.float32)  # (BK,)
 
-    kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
+    kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
     kf = kk.to(tl.float32)
     if K_EXACT:
         k_hi = split_hi(kk, SPLIT_FP16)
@@ -141,130 +136,107 @@ def _chunk_cg_kernel(
         k_lo = split_lo(kf, k_hi, SPLIT_FP16)
     kt_hi = tl.trans(k_hi)
     kt_lo = tl.trans(k_lo)
-    scr = scr_ptr + (pid_c * tl.num_programs(1) + pid_bh).to(tl.int64) * C * BK
-    if HB == BK:
-        hc = tl.load(hs_ptr + hbase + ik[:, None] * K + ik[None, :], mask=km[:, None] & km[None, :],
-                     other=0.0)  # (BK, BK)
-        h_hi = split_hi(hc, SPLIT_FP16)
-        h_lo = split_lo(hc, h_hi, SPLIT_FP16)
-    else:
-        h_hi = k_hi  # unused placeholders: H_c is streamed
-        h_lo = k_lo
-    if MIXED:
-        # fp16 operands of the fast matvec; H_c scaled by a power of two into fp16's range
-        k16 = kf.to(tl.float16)
-        kt16 = tl.trans(k16)
-        hmax = tl.max(tl.max(tl.abs(hc), 1), 0)
-        hsc = tl.exp2(-tl.ceil(tl.log2(tl.maximum(hmax, 1e-30))))
-        h16 = (hc * hsc).to(tl.float16)  # (BK, BK)
-        hinv = 1.0 / hsc
-    hdiag = tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0)  # (BK,)
-    diag = eb[:, None] * hdiag[None, :] + mm(mdec, kf * kf, False, False, SPLIT_FP16)
-    diag = diag + lamb[None, :]  # (C, BK)
+    # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory
+    hkk = ik[:, None] * K + ik[None, :]
+    h_hi = tl.load(hs_ptr + hbase + hkk, mask=km[:, None] & km[None, :], other=0.0)  # (BK, BK)
+    h_lo = tl.load(hs_ptr + hbase + K * K + hkk, mask=km[:, None] & km[None, :], other=0.0)
+    hdiag = (tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0).to(tl.float32)
+             + tl.load(hs_ptr + hbase + K * K + ik * (K + 1), mask=km, other=0.0).to(tl.float32))  # (BK,)
+    diag = mm(tl.trans(kf * kf), mdec_t, False, False, SPLIT_FP16) + hdiag[:, None] * eb[None, :]
+    diag = diag + lamb[:, None]  # (BK, C)
 
-    # right-hand side
+    # right-hand side (BK, C)
     if BWD:
-        xq = tl.load(x_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK) q*
-        sdv = tl.zeros([C, C], dtype=tl.float32)
-        dog = tl.zeros([C, BK], dtype=tl.float32)
+        xq = tl.load(x_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) q*^T
+        sdv = tl.zeros([C, C], dtype=tl.float32)  # [s, t] = v_s . do_t
+        dog = tl.zeros([BK, C], dtype=tl.float32)  # G_c do_t
         for v0 in range(0, V, BV):
             iv = v0 + tl.arange(0, BV)
             vm = iv < V
-            cv = tm[:, None] & vm[None, :]
-            dov = tl.load(do_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
-            vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)
+            dot_ = tl.load(do_ptr + tok[None, :] * V + iv[:, None], mask=vm[:, None] & tm[None, :],
+                           other=0.0).to(tl.float32)  # (BV, C) dO^T
+            vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :],
+                         other=0.0).to(tl.float32)  # (C, BV)
             gsv = tl.load(gs_ptr + gbase + ik[:, None] * V + iv[None, :], mask=km[:, None] & vm[None, :],
                           other=0.0)  # (BK, BV)
-            sdv += mm(dov.to(tl.float32), tl.trans(vv.to(tl.float32)), V_EXACT, V_EXACT, SPLIT_FP16)
-            dog += mm(dov.to(tl.float32), tl.trans(gsv), V_EXACT, False, SPLIT_FP16)
-        sdv = sdv * mdec
+            sdv += mm(vv, dot_, V_EXACT, V_EXACT, SPLIT_FP16)
+            dog += mm(gsv, dot_, False, V_EXACT, SPLIT_FP16)
+        sdv = sdv * mdec_t
         sdv_hi = split_hi(sdv, SPLIT_FP16)
-        rhs = mm_pre(sdv_hi, split_lo(sdv, sdv_hi, SPLIT_FP16), k_hi, k_lo, False, K_EXACT)
-        rhs += eb[:, None] * dog  # (C, BK)
+        rhs = mm_pre(kt_hi, kt_lo, sdv_hi, split_lo(sdv, sdv_hi, SPLIT_FP16), K_EXACT, False,
+                     dog * eb[None, :])  # (BK, C)
     else:
-        rhs = tl.load(q_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0).to(tl.float32)
+        rhs = tl.load(q_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0).to(tl.float32)
 
-    # CG with Jacobi x0
+    # CG from the Jacobi guess
     x = rhs / diag
-    r = rhs - _matvec(x, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
-                   hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
-    p = r
-    d = tl.sum(r * r, 1)  # (C,)
+    r = rhs - _matvec_accurate(x, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+    pt = split_hi(r, SPLIT_FP16)
+    d = tl.sum(r * r, 0)  # (C,)
+    rp = tl.sum(r * pt.to(tl.float32), 0)
     d0 = d
     active = tm & (d > tol2 * d0)
     steps = tl.zeros([C], dtype=tl.int32)
     it = 0
     n_active = tl.sum(active.to(tl.int32), 0)
     while (it < cg_steps) & (n_active > 0):
-        if MIXED:
-            w = _matvec_fast(p, k16, kt16, mdec, eb, h16, hinv, lamb)
-        else:
-            w = _matvec(p, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
-                        hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
-        pw = tl.sum(p * w, 1)
+        w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+        pf = pt.to(tl.float32)
+        pw = tl.sum(pf * w, 0)
         ok = active & (pw > 0) & (pw < float("inf"))
-        alpha = tl.where(ok, d / tl.where(ok, pw, 1.0), 0.0)
-        x = tl.where(ok[:, None], x + alpha[:, None] * p, x)
-        keep_p = 1.0
-        if MIXED and ((it + 1) % REFRESH == 0):
-            # true residual from the accurate split matvec, then a CG restart (p = r)
-            # (stopped rows never read r again: no select against the old r, one tile less live)
-            if BWD:
-                b_rhs = rhs
-            else:
-                b_rhs = tl.load(q_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0).to(tl.float32)
-            r = b_rhs - _matvec(x, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
-                                hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
-            keep_p = 0.0
-        else:
-            r = tl.where(ok[:, None], r - alpha[:, None] * w, r)
-        d_new = tl.sum(r * r, 1)
+        # exact line search along p~ (r.p~, not r.r: p~ is not p) keeps each step an energy descent
+        alpha = tl.where(ok, tl.fdiv(rp, tl.where(ok, pw, 1.0)), 0.0)  # 2-ulp division: x, r share it
+        # alpha = 0 leaves x unchanged (p~ is finite); w of a broken-down row may not be finite
+        x = x + alpha[None, :] * pf
+        r = tl.where(ok[None, :], r - alpha[None, :] * w, r)
+        d_new = tl.sum(r * r, 0)
         steps += ok.to(tl.int32)
         go = ok & (d_new > 0)
         if cg_tol > 0:
             go = go & (d_new > tol2 * d0)
-        bcg = tl.where(go, keep_p * d_new / tl.where(go, d, 1.0), 0.0)
-        p = tl.where(go[:, None], r + bcg[:, None] * p, 0.0)
+        bcg = tl.where(go, tl.fdiv(d_new, tl.where(go, d, 1.0)), 0.0)
+        # a stopped row never steps again (active = False): its finite p = r is left unused
+        pt = split_hi(r + bcg[None, :] * pf, SPLIT_FP16)
+        rp = tl.sum(r * pt.to(tl.float32), 0)
         d = tl.where(go, d_new, d)
         active = go
         it += 1
         n_active = tl.sum(active.to(tl.int32), 0)
 
     if BWD:
-        tl.store(u_ptr + tok[:, None] * K + ik[None, :], x, mask=ck)
-        hx = _matvec(xq, k_hi, k_lo, kt_hi, kt_lo, mdec, eb, h_hi, h_lo, lamb,
-                   hs_ptr + hbase, scr, K, rows, ik, km, BK, HB, K_EXACT, SPLIT_FP16)
-        hx = hx - xq * lamb[None, :]  # H_t x_t
-        dc = tl.sum(xq * rhs - x * hx, 1)
+        tl.store(u_ptr + tok[None, :] * K + ik[:, None], x, mask=kc)
+        hx = _matvec_accurate(xq, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+        hx = hx - xq * lamb[:, None]  # H_t x_t
+        dc = tl.sum(xq * rhs - x * hx, 0)
         tl.store(dc_ptr + tok, dc, mask=tm)
-        dl = -tl.sum(tl.where(ck, x * xq, 0.0), 0)  # (BK,)
+        dl = -tl.sum(tl.where(kc, x * xq, 0.0), 1)  # (BK,)
         tl.store(dlamb_ptr + ((bb * NT + pid_c) * H + hh) * K + ik, dl, mask=km)
     else:
-        tl.store(x_ptr + tok[:, None] * K + ik[None, :], x, mask=ck)
+        tl.store(x_ptr + tok[None, :] * K + ik[:, None], x, mask=kc)
         tl.store(steps_ptr + tok, steps, mask=tm)
+        # o^T = V^T ((K X^T) * M^T) + (G_c^T X^T) e^b, split products
         x_hi = split_hi(x, SPLIT_FP16)
         x_lo = split_lo(x, x_hi, SPLIT_FP16)
-        sx = mm_pre(x_hi, x_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
+        sx = mm_pre(k_hi, k_lo, x_hi, x_lo, K_EXACT, False) * mdec_t  # (C, C)
         sx_hi = split_hi(sx, SPLIT_FP16)
         sx_lo = split_lo(sx, sx_hi, SPLIT_FP16)
         for v0 in range(0, V, BV):
             iv = v0 + tl.arange(0, BV)
             vm = iv < V
-            cv = tm[:, None] & vm[None, :]
-            vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
-            gsv = tl.load(gs_ptr + gbase + ik[:, None] * V + iv[None, :], mask=km[:, None] & vm[None, :],
-                          other=0.0)  # (BK, BV)
+            vc = vm[:, None] & tm[None, :]
+            vt = tl.load(v_ptr + tok[None, :] * V + iv[:, None], mask=vc, other=0.0)  # (BV, C)
+            gt = tl.load(gs_ptr + gbase + iv[:, None] + ik[None, :] * V, mask=vm[:, None] & km[None, :],
+                         other=0.0)  # (BV, BK) G_c^T
             if V_EXACT:
-                v_hi = split_hi(vv, SPLIT_FP16)
-                v_lo = v_hi
+                vt_hi = split_hi(vt, SPLIT_FP16)
+                vt_lo = vt_hi
             else:
-                v_hi = split_hi(vv.to(tl.float32), SPLIT_FP16)
-                v_lo = split_lo(vv.to(tl.float32), v_hi, SPLIT_FP16)
-            g_hi = split_hi(gsv, SPLIT_FP16)
-            g_lo = split_lo(gsv, g_hi, SPLIT_FP16)
-            o = mm_pre(sx_hi, sx_lo, v_hi, v_lo, False, V_EXACT)
-            o += eb[:, None] * mm_pre(x_hi, x_lo, g_hi, g_lo, False, False)
-            tl.store(o_ptr + tok[:, None] * V + iv[None, :], o.to(o_ptr.dtype.element_ty), mask=cv)
+                vt_hi = split_hi(vt.to(tl.float32), SPLIT_FP16)
+                vt_lo = split_lo(vt.to(tl.float32), vt_hi, SPLIT_FP16)
+            gt_hi = split_hi(gt, SPLIT_FP16)
+            ot = mm_pre(gt_hi, split_lo(gt, gt_hi, SPLIT_FP16), x_hi, x_lo, False, False) * eb[None, :]
+            ot = mm_pre(vt_hi, vt_lo, sx_hi, sx_lo, V_EXACT, False, ot)  # (BV, C)
+            tl.store(o_ptr + tok[None, :] * V + iv[:, None], ot.to(o_ptr.dtype.element_ty), mask=vc)
 
 
 def _use_fp16_split() -> bool:
@@ -275,11 +247,9 @@ def _use_fp16_split() -> bool:
 
 def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb,
                     chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
-                    num_warps: int | None = None, mixed: bool = False, refresh: int = REFRESH) -> None:
+                    num_warps: int | None = None) -> None:
     """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel).
-    num_warps: None picks the default (8 for K > 64, else 4); benchmarks pass others.
-    mixed: fp16 single-pass CG matvecs with the true residual every `refresh` steps (only with
-    H_c resident, K <= RESIDENT_K_MAX); False: every matvec a 3-pass split."""
+    num_warps: None picks the default (8 for 64-row chunks of K > 64, else 4); benchmarks pass others."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
@@ -287,38 +257,29 @@ def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlam
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     BK = max(16, triton.next_power_of_2(K))
     BV = max(16, min(64, triton.next_power_of_2(V)))
-    HB = BK if BK <= RESIDENT_K_MAX else 64
-    scr = torch.empty(NT * B * H * chunk_size * BK if HB < BK else 1, device=k.device, dtype=torch.float32)
     torch.library.wrap_triton(_chunk_cg_kernel)[(NT, B * H)](
-        q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb, scr,
+        q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb,
         T, H, K, V, NT, cg_steps, cg_tol,
-        C=chunk_size, BK=BK, BV=BV, HB=HB, BWD=bwd,
+        C=chunk_size, BK=BK, BV=BV, BWD=bwd,
         K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt, SPLIT_FP16=split_fp16,
-        MIXED=mixed and HB == BK, REFRESH=refresh,
-        num_warps=num_warps or (8 if BK >= 128 else 4),
-        # NOTE: the mixed backward kernel with pipelined loads asked 270336 B of shared memory on an
-        # H200 (232448 B allowed); unpipelined it compiles to 180224 B (sm_90a compiler report)
-        num_stages=1 if (mixed and bwd) else 3,
+        num_warps=num_warps or (8 if BK >= 128 and chunk_size >= 64 else 4),
     )
 
 
 def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               lamb: torch.Tensor, h_kk: torch.Tensor, h_kv: torch.Tensor, chunk_size: int, cg_steps: int,
-              cg_tol: float, *, mixed: bool = False
+              cg_tol: float, *, out_dtype: torch.dtype | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunkwise MesaNet forward with Triton kernels.
 
-    q, k: (B, T, H, K) L2-normalised; v: (B, T, H, V); g, beta: (B, T, H); lamb: (H, K) fp32;
-    h_kk (B, H, K, K), h_kv (B, H, K, V): fp32 initial state.
-    Returns o (B, T, H, V) in v.dtype, q* (B, T, H, K) fp32, final h_kk, h_kv (fp32),
-    steps (B, T, H) int32. mixed=False runs every CG matvec as a 3-pass split (the accurate path).
-
-    NOTE: the accurate path is the default: on an H200 (B=8 T=2048 H=16 D=128, bf16) the mixed path
-    measured slower (forward 9.88 vs 8.70 ms at 30 steps, 5.56 vs 4.16 at 10) because the kernel is
-    register-bound, not tensor-core-bound, and less accurate at 10 steps (1.6e-3 vs 5.1e-4 at cond ~400).
+    q, k: (B, T, H, K) L2-normalised, K <= CHUNK_K_MAX; v: (B, T, H, V); g, beta: (B, T, H);
+    lamb: (H, K) fp32; h_kk (B, H, K, K), h_kv (B, H, K, V): fp32 initial state.
+    Returns o (B, T, H, V) in out_dtype (default v.dtype), q* (B, T, H, K) fp32, final h_kk, h_kv
+    (fp32), steps (B, T, H) int32. o is computed in fp32; out_dtype=torch.float32 keeps it unrounded.
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
+    check_key_size(K)
     chunk_size = chunk_len(chunk_size, K)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g32 = g.float().contiguous()
@@ -326,12 +287,12 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     lamb = lamb.float().contiguous()
     split_fp16 = _use_fp16_split()
     hs, h_kk_out = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), chunk_size, False, 1.0,
-                                    split_fp16)
+                                    split_fp16, split_out=True)
     gs, h_kv_out = chunk_state_pass(k, v, g32, b32, h_kv.float().contiguous(), chunk_size, False, 1.0,
                                     split_fp16)
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
-    o = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
+    o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
     launch_chunk_cg(q, k, v, g32, b32, lamb, hs, gs, x, o, steps, o, x, g32, lamb,
-                    chunk_size, cg_steps, cg_tol, bwd=False, mixed=mixed)
+                    chunk_size, cg_steps, cg_tol, bwd=False)
     return o, x, h_kk_out, h_kv_out, steps

@@ -36,20 +36,16 @@ def split_lo(x, hi, SPLIT_FP16: tl.constexpr):
 
 
 @triton.jit
-def mm_pre(a_hi, a_lo, b_hi, b_lo, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr):
-    """a @ b from pre-split operands, fp32 accumulation; small terms first."""
+def mm_pre(a_hi, a_lo, b_hi, b_lo, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, acc=None):
+    """acc + a @ b from pre-split operands, fp32 accumulation; small terms first."""
     if A_EXACT:
-        if B_EXACT:
-            acc = tl.dot(a_hi, b_hi)
-        else:
-            acc = tl.dot(a_hi, b_lo)
-            acc = tl.dot(a_hi, b_hi, acc)
-    else:
-        acc = tl.dot(a_lo, b_hi)
         if not B_EXACT:
             acc = tl.dot(a_hi, b_lo, acc)
-        acc = tl.dot(a_hi, b_hi, acc)
-    return acc
+    else:
+        acc = tl.dot(a_lo, b_hi, acc)
+        if not B_EXACT:
+            acc = tl.dot(a_hi, b_lo, acc)
+    return tl.dot(a_hi, b_hi, acc)
 
 
 @triton.jit

@@ -7,6 +7,8 @@ and walks the chunks sequentially, storing S at every chunk boundary, then updat
   reverse  (REVERSE=True):  stores S at each chunk END, then S <- e^{b_L} S + sign (A * w)^T B,
            w_t = e^{b_t}, with (A, B, sign) = (u, x, -1) for dH and (x, do, +1) for dG.
 b is the within-chunk cumulative log decay, b_L its value at the chunk's last row. States are fp32.
+SPLIT_OUT: the boundary states are stored as a (hi, lo) pair in the split dtype instead of fp32 (same
+bytes): the CG kernel feeds H_c to the tensor cores as loaded, which keeps it in shared memory.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import mm
+from .chunk_common import mm, split_hi, split_lo
 
 
 @triton.jit
@@ -24,11 +26,11 @@ def _chunk_state_kernel(
     g_ptr,  # (B, T, H) fp32 log decay
     beta_ptr,  # (B, T, H) fp32
     s0_ptr,  # (B, H, DA, DB) fp32 state entering the pass
-    s_all_ptr,  # (B, NT, H, DA, DB) fp32 state at each chunk boundary
+    s_all_ptr,  # (B, NT, H, DA, DB) fp32 state at each chunk boundary; SPLIT_OUT: (B, NT, H, 2, DA, DB)
     s_fin_ptr,  # (B, H, DA, DB) fp32 state leaving the pass
     T, H, DA, DB, NT, a_scale,
     C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr,
-    B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
+    B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr, SPLIT_OUT: tl.constexpr,
 ):
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -51,7 +53,13 @@ def _chunk_state_kernel(
             c = NT - 1 - i
         else:
             c = i
-        tl.store(s_all_ptr + ((bb * NT + c) * H + hh) * DA * DB + tile, s, mask=tmask)
+        if SPLIT_OUT:
+            s_hi = split_hi(s, SPLIT_FP16)
+            base = ((bb * NT + c) * H + hh) * 2 * DA * DB
+            tl.store(s_all_ptr + base + tile, s_hi, mask=tmask)
+            tl.store(s_all_ptr + base + DA * DB + tile, split_lo(s, s_hi, SPLIT_FP16), mask=tmask)
+        else:
+            tl.store(s_all_ptr + ((bb * NT + c) * H + hh) * DA * DB + tile, s, mask=tmask)
         t = c * C + rows  # (C,)
         tm = t < T
         tok = (bb * T + t) * H + hh  # (C,) token index
@@ -86,20 +94,26 @@ def chunk_state_pass(
     reverse: bool,
     a_scale: float,
     split_fp16: bool,
+    split_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one state pass; returns (states at every chunk boundary (B, NT, H, DA, DB), final state)."""
+    """Run one state pass; returns (states at every chunk boundary, final state (B, H, DA, DB) fp32).
+    The boundary states are (B, NT, H, DA, DB) fp32, or with split_out (B, NT, H, 2, DA, DB) (hi, lo)
+    in the split dtype."""
     B, T, H, DA = a.shape
     DB = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
-    s_all = torch.empty(B, NT, H, DA, DB, device=a.device, dtype=torch.float32)
+    if split_out:
+        s_all = torch.empty(B, NT, H, 2, DA, DB, device=a.device, dtype=split_dt)
+    else:
+        s_all = torch.empty(B, NT, H, DA, DB, device=a.device, dtype=torch.float32)
     s_fin = torch.empty(B, H, DA, DB, device=a.device, dtype=torch.float32)
     BA, BB = _block(DA, 64), _block(DB, 64)
     grid = (triton.cdiv(DA, BA), triton.cdiv(DB, BB), B * H)
     torch.library.wrap_triton(_chunk_state_kernel)[grid](
         a, b, g, beta, s0, s_all, s_fin, T, H, DA, DB, NT, a_scale,
         C=chunk_size, BA=BA, BB=BB, REVERSE=reverse,
-        B_EXACT=b.dtype == split_dt, SPLIT_FP16=split_fp16,
+        B_EXACT=b.dtype == split_dt, SPLIT_FP16=split_fp16, SPLIT_OUT=split_out,
         num_warps=4,
     )
     return s_all, s_fin
