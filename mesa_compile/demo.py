@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -19,37 +18,54 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 FIXED_STEPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 25, 30)  # CG steps of the fixed-budget sweep
 TOLERANCES = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # cg_tol of the early-exit sweep (bounded by MAX_STEPS)
 MAX_STEPS = 30  # the paper's CG budget
 EXPORT_TOL = 1e-4  # early-exit tolerance of the exported graphs (the paper's)
 
-# NOTE: chosen by a sweep of 200-step runs on an H200 (fp32, two seeds each): one Mesa layer of
-# width 128 (4 heads of size 32) learned 8-pair recall over a 32-token alphabet to >= 0.99 accuracy
-# with both seeds (0.97 at 150 steps); width 64 or 2 heads of size 16 stalled for one seed, and two
-# layers learned slower. On 2 idle CPU cores one eager step takes ~0.08 s.
+# NOTE: the model (one Mesa layer of width 128, 4 heads of size 32) was chosen by a sweep of 200-step
+# runs on an H200: width 64 or heads of size 16 stalled for one seed, two layers learned slower.
+# The task and regulariser make the solve matter. At 8 pairs and the config's default lambda (1.0,
+# floor 0.25) the Jacobi guess alone recalled 0.974 and 2 CG steps 1.000: a flat curve. A small
+# lambda (init 0.05, floor 0.002) leaves H + diag(lambda) far from diagonal, so the guess is poor.
+# Measured on 2 CPU cores, 300 compiled steps, accuracy at 0 / 2 / 5 / 30 CG steps:
+#   12 pairs, 10 training steps: seeds 0 / 1 / 2: 0.545 / 0.938 / 0.996 / 1.000,
+#     0.609 / 0.955 / 0.996 / 0.999 and 0.490 / 0.924 / 0.994 / 0.999
+#   12 pairs, 5 training steps: learned slower (final accuracy 0.97 / 0.82 / 0.79 for seeds 0 / 1 / 2)
+#   16 pairs, 10 training steps: 0.52 / 0.92 / 0.99 / 0.997 for seed 0, but seed 2 stalled at 0.42
 DEFAULT = {
     "steps": 300,
     "batch_size": 32,
     "lr": 1e-2,
     "warmup": 20,
-    "pairs": 8,
+    "pairs": 12,
     "alphabet": 32,
     "d_model": 128,
     "n_layers": 1,
     "n_heads": 4,
     "head_dim": 32,
-    "train_cg_steps": 5,
+    "train_cg_steps": 10,
+    "lambda_init": 0.05,
+    "lambda_floor": 0.002,
     "eval_batches": 8,
 }
-QUICK = dict(DEFAULT, steps=12, batch_size=8, d_model=32, n_heads=2, head_dim=16, eval_batches=1)
+QUICK = dict(
+    DEFAULT,
+    steps=12,
+    batch_size=8,
+    pairs=8,
+    d_model=32,
+    n_heads=2,
+    head_dim=16,
+    train_cg_steps=5,
+    eval_batches=1,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile-backend",
         default="auto",
         help="torch.compile backend (default auto: inductor on CUDA, aot_eager on CPU)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch and onnxruntime (default: 1 on CPU, the libraries' choice on CUDA)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default: 0)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot (no matplotlib needed)")
@@ -101,36 +123,28 @@ def _require(args: argparse.Namespace) -> None:
             ) from err
 
 
-@contextlib.contextmanager
-def _cg_step_counter() -> Iterator[list[float]]:
-    """Collect the mean CG steps per token of every chunkwise Mesa solve run inside the block."""
-    from mesa_compile import layer as layer_module
+@torch.no_grad()
+def _evaluate(model, task, batch_size: int, batches: int, cg_steps: int, cg_tol: float) -> dict[str, float]:
+    """Mean loss, recall accuracy and mean CG steps per token (over tokens, heads and layers)."""
+    from mesa_compile.data import IGNORE_INDEX, accuracy
 
-    # NOTE: MesaLayer's forward does not return the ops' cg_steps telemetry, so the demo wraps the
-    # layer's mesa_net for its eager evaluation passes (return_cg_steps=True changes no output).
-    original, seen = layer_module.mesa_net, []
-
-    def counting(*args: Any, **kwargs: Any):
-        out = original(*args, **{**kwargs, "return_cg_steps": True})
-        seen.append(out.cg_steps.float().mean().item())  # over (B, T, H)
-        return out
-
-    with mock.patch.object(layer_module, "mesa_net", counting):
-        yield seen
+    device = next(model.parameters()).device
+    loss, correct, counted, steps = 0.0, 0, 0, 0.0
+    for i in range(batches):
+        ids, targets = (t.to(device) for t in task.batch(batch_size, i, split="eval"))
+        logits, _, used = model(ids, cg_steps=cg_steps, cg_tol=cg_tol, return_cg_steps=True)
+        loss += F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+        ).item()
+        c, n = accuracy(logits, targets)
+        correct, counted = correct + c, counted + n
+        steps += used.float().mean().item()  # used: (n_layers, B, T, H)
+    return {"loss": loss / batches, "accuracy": correct / max(counted, 1), "mean_cg_steps": steps / batches}
 
 
 def _sweeps(model, task, batch_size: int, batches: int) -> dict[str, list[dict[str, float]]]:
-    from mesa_compile.train import evaluate
-
-    fixed = [
-        {"cg_steps": s, **evaluate(model, task, batch_size, batches, cg_steps=s, cg_tol=0.0)}
-        for s in FIXED_STEPS
-    ]
-    tol = []
-    for t in TOLERANCES:
-        with _cg_step_counter() as seen:
-            metrics = evaluate(model, task, batch_size, batches, cg_steps=MAX_STEPS, cg_tol=t)
-        tol.append({"cg_tol": t, "mean_cg_steps": sum(seen) / len(seen), **metrics})
+    fixed = [{"cg_steps": s, **_evaluate(model, task, batch_size, batches, s, 0.0)} for s in FIXED_STEPS]
+    tol = [{"cg_tol": t, **_evaluate(model, task, batch_size, batches, MAX_STEPS, t)} for t in TOLERANCES]
     return {"fixed_steps": fixed, "tolerance": tol}
 
 
@@ -144,7 +158,7 @@ def _torch_greedy(model, prompt: torch.Tensor, new: int, cg_steps: int, cg_tol: 
     return torch.cat(tokens, dim=1)
 
 
-def _export_and_compare(model, task, out: Path, quick: bool) -> dict[str, Any]:
+def _export_and_compare(model, task, out: Path, quick: bool, threads: int | None) -> dict[str, Any]:
     import numpy as np
 
     from mesa_compile.export import to_onnx
@@ -165,7 +179,7 @@ def _export_and_compare(model, task, out: Path, quick: bool) -> dict[str, Any]:
                 cg_tol=EXPORT_TOL,
             )
         times[graph] = time.perf_counter() - t0
-    session = OrtSession(paths["decode"], provider="cpu", prefill_path=paths.get("prefill"))
+    session = OrtSession(paths["decode"], provider="cpu", prefill_path=paths.get("prefill"), threads=threads)
 
     ids, targets = task.batch(8, 0, split="eval")
     with torch.no_grad():
@@ -238,18 +252,40 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every stage; returns the summary (also written to ``<out>/summary.json``)."""
+    """Run every stage; returns the summary (also written to ``<out>/summary.json``).
+
+    torch's CPU thread count is set for the run (``--threads``) and restored afterwards.
+    """
+    from mesa_compile.train import resolve_device
+
+    _require(args)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    device = resolve_device(args.device)
+    # NOTE: one thread by default on CPU. With another process busy on one of 2 cores, a compiled
+    # training step of the default model took 4.3 s with 2 threads (each parallel region waits for
+    # the descheduled thread) against 0.26 s with 1, and the whole default demo 266 s against 129 s;
+    # on 2 idle cores 2 threads took 105 s and 1 thread 135 s.
+    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else None)
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_stages(args, device, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_stages(args: argparse.Namespace, device: torch.device, threads: int | None) -> dict[str, Any]:
     from safetensors.torch import save_model
 
     from mesa_compile.config import MesaConfig
     from mesa_compile.data import MQARTask
-    from mesa_compile.train import TrainConfig, resolve_backend, resolve_device, train
+    from mesa_compile.train import TrainConfig, resolve_backend, train
 
-    _require(args)
     p = QUICK if args.quick else DEFAULT
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
     stages: dict[str, float] = {}
     task = MQARTask(
         num_pairs=p["pairs"],
@@ -266,6 +302,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         head_dim=p["head_dim"],
         cg_steps=p["train_cg_steps"],
         chunk_size=task.seq_len,
+        lambda_init=p["lambda_init"],
+        lambda_floor=p["lambda_floor"],
     )
     steps = args.steps or p["steps"]
     tconf = TrainConfig(
@@ -289,7 +327,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"[demo] MesaNetLM: {config.num_params():,} parameters, {config.n_layers} layer(s), "
         f"{config.n_heads} heads of size {config.head_dim}, {config.cg_steps} CG steps in training; "
-        f"device {device}, torch.compile backend {backend}"
+        f"device {device}, torch.compile backend {backend}, "
+        f"{'default' if threads is None else threads} CPU thread(s)"
     )
 
     t0 = time.perf_counter()
@@ -313,6 +352,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": tconf.batch_size,
             "device": str(device),
             "compile_backend": backend,
+            "threads": threads,
             "final_loss": result.losses[-1],
             "tokens_per_s": result.tokens_per_s,
             "final_eval": result.evals[-1] if result.evals else None,
@@ -322,7 +362,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_export:
         t0 = time.perf_counter()
         print("[demo] exporting ONNX graphs and running them in onnxruntime ...")
-        summary["onnx"] = _export_and_compare(model, task, out, args.quick)
+        summary["onnx"] = _export_and_compare(model, task, out, args.quick, threads)
         stages["export + onnxruntime"] = time.perf_counter() - t0
     if not args.no_plot:
         t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -105,10 +105,14 @@ class MesaLayer(nn.Module):
         *,
         cg_steps: Optional[int] = None,
         cg_tol: Optional[float] = None,
-    ) -> tuple[Tensor, MesaLayerState]:
+        return_cg_steps: bool = False,
+    ) -> Union[tuple[Tensor, MesaLayerState], tuple[Tensor, MesaLayerState, Tensor]]:
         """Mix ``x`` (B, T, D) over time; returns (y (B, T, D), state after the last token).
 
         ``cg_steps`` / ``cg_tol`` override the config's solver budget for this call.
+        ``return_cg_steps=True`` appends the CG steps each token's solve used, int32 (B, T, H): at
+        most ``cg_steps``, fewer where early exit (``cg_tol > 0``) or the breakdown guard stopped a
+        token; outputs are unchanged.
         """
         cfg = self.config
         if x.dim() != 3 or x.shape[-1] != cfg.d_model:
@@ -136,19 +140,23 @@ class MesaLayer(nn.Module):
         if state is not None and T == 1:
             out = mesa_net_step(
                 q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], lamb, state.mesa,
-                cg_steps=steps, cg_tol=tol, qk_l2norm=True,
+                cg_steps=steps, cg_tol=tol, qk_l2norm=True, return_cg_steps=return_cg_steps,
             )  # fmt: skip
             o = out.o.unsqueeze(1)  # (B, 1, H, V)
+            used = None if out.cg_steps is None else out.cg_steps.unsqueeze(1)  # (B, 1, H)
         else:
             out = mesa_net(
                 q, k, v, g, beta, lamb,
                 cg_steps=steps, cg_tol=tol, chunk_size=cfg.chunk_size, qk_l2norm=True,
                 initial_state=None if state is None else state.mesa, output_final_state=True,
+                return_cg_steps=return_cg_steps,
             )  # fmt: skip
             o = out.o  # (B, T, H, V)
+            used = out.cg_steps  # (B, T, H) or None
 
         o = self.o_norm(o)  # (B, T, H, V)
         if self.gate_proj is not None:
             o = o * F.silu(self.gate_proj(x)).view(B, T, H, V)
         y = self.o_proj(o.reshape(B, T, H * V))  # (B, T, D)
-        return y, MesaLayerState(out.final_state, conv_q, conv_k)
+        new_state = MesaLayerState(out.final_state, conv_q, conv_k)
+        return (y, new_state, used) if return_cg_steps else (y, new_state)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +42,20 @@ class MesaBlock(nn.Module):
         self.mlp = SwiGLU(config.d_model, config.mlp_hidden)
 
     def forward(
-        self, x: Tensor, state: Optional[MesaLayerState], cg_steps: Optional[int], cg_tol: Optional[float]
-    ) -> tuple[Tensor, MesaLayerState]:
-        """x: (B, T, D) -> (B, T, D), new layer state."""
-        h, new_state = self.mixer(self.mixer_norm(x), state, cg_steps=cg_steps, cg_tol=cg_tol)
+        self,
+        x: Tensor,
+        state: Optional[MesaLayerState],
+        cg_steps: Optional[int],
+        cg_tol: Optional[float],
+        return_cg_steps: bool = False,
+    ) -> Union[tuple[Tensor, MesaLayerState], tuple[Tensor, MesaLayerState, Tensor]]:
+        """x: (B, T, D) -> (B, T, D), new layer state[, CG steps used (B, T, H) int32]."""
+        h, *rest = self.mixer(
+            self.mixer_norm(x), state, cg_steps=cg_steps, cg_tol=cg_tol, return_cg_steps=return_cg_steps
+        )
         x = x + h
         x = x + self.mlp(self.mlp_norm(x))
-        return x, new_state
+        return (x, *rest)
 
 
 class MesaNetLM(nn.Module):
@@ -94,21 +101,29 @@ class MesaNetLM(nn.Module):
         *,
         cg_steps: Optional[int] = None,
         cg_tol: Optional[float] = None,
-    ) -> tuple[Tensor, MesaNetState]:
+        return_cg_steps: bool = False,
+    ) -> Union[tuple[Tensor, MesaNetState], tuple[Tensor, MesaNetState, Tensor]]:
         """Logits (B, T, vocab) for ``input_ids`` (B, T) (int64 or int32), and the state after them.
 
         With ``state`` (from :meth:`init_state` or a previous call) the sequences continue from it;
         T == 1 with a state takes the one-token decode path. ``cg_steps`` / ``cg_tol`` override the
-        config's solver budget for this call. Token ids are range-checked only when the ops debug
-        checks are on (the check reads the ids back to the host).
+        config's solver budget for this call. ``return_cg_steps=True`` appends the CG steps each
+        token's solve used in each layer, int32 (n_layers, B, T, H): the test-time compute that
+        early exit (``cg_tol > 0``) spent; logits and state are unchanged. Token ids are
+        range-checked only when the ops debug checks are on (the check reads the ids back to the host).
         """
         self._check_inputs(input_ids, state)
         x = self.embed(input_ids)  # (B, T, D)
-        new_state = []
+        new_state, used = [], []
         for i, block in enumerate(self.blocks):
-            x, layer_state = block(x, None if state is None else state[i], cg_steps, cg_tol)
+            x, layer_state, *layer_used = block(
+                x, None if state is None else state[i], cg_steps, cg_tol, return_cg_steps
+            )
             new_state.append(layer_state)
+            used.extend(layer_used)  # one (B, T, H) tensor when return_cg_steps, else none
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        if return_cg_steps:
+            return logits, tuple(new_state), torch.stack(used)  # ..., (n_layers, B, T, H)
         return logits, tuple(new_state)
 
     def decode_one_token(

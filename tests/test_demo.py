@@ -6,6 +6,7 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from mesa_compile import cli, demo
 
@@ -19,6 +20,7 @@ def test_demo_help(capsys):
         "--out",
         "--quick",
         "--steps",
+        "--threads",
         "--no-compile",
         "--compile-backend",
         "--no-plot",
@@ -31,8 +33,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("matplotlib")
     out = tmp_path / "demo"
+    threads = torch.get_num_threads()
     # ~20 s on 2 CPU cores: 12 compiled (aot_eager) training steps, the sweeps, one decode-graph export.
     assert cli.main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert torch.get_num_threads() == threads  # the demo's one CPU thread is restored afterwards
     printed = capsys.readouterr().out
     assert "greedy tokens equal: True" in printed and "total" in printed
     assert (out / "accuracy_vs_cg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -47,7 +51,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert onnx["greedy_tokens_equal"] and onnx["greedy_tokens_compared"] > 0
     # Same algorithm in fp32 on both sides; early exit may stop a token one CG step apart (bound: 1e-2).
     assert onnx["max_abs_logit_diff"] < 1e-2
-    assert summary["training"]["compile_backend"] == "aot_eager"
+    assert summary["training"]["compile_backend"] == "aot_eager" and summary["training"]["threads"] == 1
+    fixed = {r["cg_steps"]: r["mean_cg_steps"] for r in ev["fixed_steps"]}
+    # The telemetry counts the fixed budget; converged tokens stop early on the breakdown guard.
+    assert fixed[0] == 0 and all(s / 2 < used <= s for s, used in fixed.items() if s)
     assert set(summary["stage_seconds"]) == {"train", "evaluate", "export + onnxruntime", "plot"}
     assert (out / "model.safetensors").is_file() and (out / "decode.onnx").is_file()
 
@@ -65,4 +72,10 @@ def test_demo_reports_a_missing_optional_stack(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--no-export"]) == 2
     assert "pip install 'mesa-compile[plot]'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # failed before any work
+
+
+def test_demo_rejects_a_bad_thread_count(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--threads", "0", "--no-export"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # failed before any work

@@ -140,6 +140,24 @@ def test_split_prefill_matches_one_prefill(overrides):
         assert max_rel(a, b) < REL_TOL
 
 
+def test_return_cg_steps_reports_steps_and_changes_no_output():
+    model = MesaNetLM(tiny(n_layers=2, chunk_size=8))
+    ids = torch.randint(0, 256, (3, 19))
+    logits, state = model(ids, cg_steps=30, cg_tol=1e-3)
+    logits2, state2, used = model(ids, cg_steps=30, cg_tol=1e-3, return_cg_steps=True)
+    assert used.shape == (2, 3, 19, 2) and used.dtype == torch.int32  # (n_layers, B, T, H)
+    assert 0 < used.min() and used.max() <= 30 and used.float().mean() < 30  # early exit spent fewer
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)  # same computation, bit for bit
+    for a, b in zip(torch.utils._pytree.tree_leaves(state2), torch.utils._pytree.tree_leaves(state)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # No tolerance: every token runs the budget, except the first, whose diagonal-plus-rank-one system
+    # is solved early and may stop a step short on the breakdown guard (measured: 6 or 7 of 7).
+    _, _, fixed = model(ids, cg_steps=7, return_cg_steps=True)
+    assert torch.equal(fixed[:, :, 1:], torch.full_like(fixed[:, :, 1:], 7)) and fixed.min() >= 1
+    _, _, step = model.blocks[0].mixer(torch.randn(3, 1, 64), state[0], cg_steps=3, return_cg_steps=True)
+    assert step.shape == (3, 1, 2) and torch.equal(step, torch.full_like(step, 3))  # decode path
+
+
 def test_generate_greedy_matches_full_forward_argmax():
     model = MesaNetLM(tiny())
     prompt = torch.randint(0, 256, (2, 7))
