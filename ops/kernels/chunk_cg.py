@@ -15,10 +15,11 @@ once no row is active, and after cg_steps iterations at most.
 NOTE (layout): every tile is held transposed, tokens along the columns: X^T, R^T (BK, C) fp32 and
 the search directions P^T (BK, C), so a CG matvec is
   S^T = (K P^T) * M^T  (C, C)        W^T = e^b * (H_c P^T) + K^T S^T + lamb P^T  (BK, C)
-with the loop-invariant K, K^T, H_c as the A operands (shared memory) and M = BK = 128 split across
-the two warp groups. With tokens as M (C = 64 rows) both warp groups of 8 warps needed their own
-register copies of every per-step A operand: 255 registers and 4.2 KB of spills per thread
-(sm_90a compiler report, benchmarks/NOTES-kernels.md).
+with the loop-invariant K, K^T, H_c as the A operands (shared memory) and the BK rows as the dots' M
+dimension, split across the warp groups. With tokens as M (C = 64 rows) both warp groups of 8 warps
+needed their own register copies of every per-step A operand: 255 registers and 4.2 KB of spills per
+thread (sm_90a compiler report). The spills halved, but the time per CG step barely moved: the loop
+is latency-bound (benchmarks/NOTES-kernels.md, round 3).
 NOTE (numerics): CG with rounded search directions. P is rounded to the split dtype and the rounded
 p~ is used consistently (x += alpha p~, r -= alpha A p~, alpha = r.p~ / p~.A p~, next p = r + beta p~),
 so r stays the residual of x: the rounding slows convergence a little but sets no error floor.
