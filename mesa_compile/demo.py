@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 FIXED_STEPS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 25, 30)  # CG steps of the fixed-budget sweep
 TOLERANCES = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)  # cg_tol of the early-exit sweep (bounded by MAX_STEPS)
@@ -123,28 +122,17 @@ def _require(args: argparse.Namespace) -> None:
             ) from err
 
 
-@torch.no_grad()
-def _evaluate(model, task, batch_size: int, batches: int, cg_steps: int, cg_tol: float) -> dict[str, float]:
-    """Mean loss, recall accuracy and mean CG steps per token (over tokens, heads and layers)."""
-    from mesa_compile.data import IGNORE_INDEX, accuracy
-
-    device = next(model.parameters()).device
-    loss, correct, counted, steps = 0.0, 0, 0, 0.0
-    for i in range(batches):
-        ids, targets = (t.to(device) for t in task.batch(batch_size, i, split="eval"))
-        logits, _, used = model(ids, cg_steps=cg_steps, cg_tol=cg_tol, return_cg_steps=True)
-        loss += F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-        ).item()
-        c, n = accuracy(logits, targets)
-        correct, counted = correct + c, counted + n
-        steps += used.float().mean().item()  # used: (n_layers, B, T, H)
-    return {"loss": loss / batches, "accuracy": correct / max(counted, 1), "mean_cg_steps": steps / batches}
-
-
 def _sweeps(model, task, batch_size: int, batches: int) -> dict[str, list[dict[str, float]]]:
-    fixed = [{"cg_steps": s, **_evaluate(model, task, batch_size, batches, s, 0.0)} for s in FIXED_STEPS]
-    tol = [{"cg_tol": t, **_evaluate(model, task, batch_size, batches, MAX_STEPS, t)} for t in TOLERANCES]
+    from mesa_compile.train import evaluate
+
+    fixed = [
+        {"cg_steps": s, **evaluate(model, task, batch_size, batches, cg_steps=s, cg_tol=0.0)}
+        for s in FIXED_STEPS
+    ]
+    tol = [
+        {"cg_tol": t, **evaluate(model, task, batch_size, batches, cg_steps=MAX_STEPS, cg_tol=t)}
+        for t in TOLERANCES
+    ]
     return {"fixed_steps": fixed, "tolerance": tol}
 
 

@@ -114,7 +114,8 @@ class TrainResult:
     losses: list[float] = field(
         default_factory=list
     )  # training loss of steps start_step, start_step + 1, ...
-    evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "accuracy"} per evaluation
+    # {"step", "loss", "accuracy", "mean_cg_steps"} per evaluation
+    evals: list[dict[str, float]] = field(default_factory=list)
     tokens_per_s: float = 0.0  # training throughput after the first (compiling) step
     train_seconds: float = 0.0  # wall time of the training loop, the first step included
     checkpoint: Path | None = None  # the last checkpoint written
@@ -155,22 +156,24 @@ def _loss(logits: Tensor, targets: Tensor) -> Tensor:
 def evaluate(
     model: MesaNetLM, source: Source, batch_size: int, batches: int, **overrides: Any
 ) -> dict[str, float]:
-    """Mean loss and greedy accuracy (at target positions) over ``batches`` eval batches.
+    """Mean loss, greedy accuracy (at target positions) and mean CG steps per token (over tokens,
+    heads and layers) over ``batches`` eval batches.
 
     ``overrides`` (``cg_steps``, ``cg_tol``) go to the model's forward.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, correct, counted = 0.0, 0, 0
+    total, correct, counted, steps = 0.0, 0, 0, 0.0
     for i in range(batches):
         ids, targets = (t.to(device) for t in source.batch(batch_size, i, split="eval"))
-        logits, _ = model(ids, **overrides)
+        logits, _, used = model(ids, return_cg_steps=True, **overrides)  # used: (n_layers, B, T, H)
         total += _loss(logits, targets).item()
         c, n = accuracy(logits, targets)
         correct, counted = correct + c, counted + n
+        steps += used.float().mean().item()
     model.train(was_training)
-    return {"loss": total / batches, "accuracy": correct / max(counted, 1)}
+    return {"loss": total / batches, "accuracy": correct / max(counted, 1), "mean_cg_steps": steps / batches}
 
 
 # ---------------------------------------------------------------------- checkpoints
