@@ -24,6 +24,7 @@ from triton.testing import do_bench
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
 from mesa_compile.ops.kernels.chunk_cg import chunk_len, launch_chunk_cg
+from mesa_compile.ops.kernels.chunk_output import chunk_output, chunk_output_adjoint
 from mesa_compile.ops.kernels.chunk_states import chunk_state_pass
 
 NAN = float("nan")
@@ -57,14 +58,17 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     o = torch.empty_like(v)
     st = torch.empty(B, T, H, device="cuda", dtype=torch.int32)
     for n in (0, steps):
-        res[f"cg_steps{n}_ms"] = ms(lambda: launch_chunk_cg(qn, kn, v, g, beta, lamb, hs, gs, x, o, st, o, x, g,
-                                                            lamb, C, n, 0.0, False))
+        res[f"cg_steps{n}_ms"] = ms(lambda: launch_chunk_cg(qn, kn, g, beta, lamb, hs, x, st, x, g, lamb, C, n,
+                                                            0.0, False))
+    res["output_ms"] = ms(lambda: chunk_output(x, kn, v, g, beta, gs, o, C, False))
     _, xq, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, z, C, steps, 0.0)
     res["bwd_ms"] = ms(lambda: chunk_bwd(qn, kn, v, g, beta, lamb, z, z, xq, do, z, z, C, steps, 0.0))
     u = torch.empty_like(x)
     dc = torch.empty(B, T, H, device="cuda")
     dl = torch.empty(B, triton.cdiv(T, C), H, K, device="cuda")
-    res["bwd_cg_ms"] = ms(lambda: launch_chunk_cg(xq, kn, v, g, beta, lamb, hs, gs, xq, do, dc, do, u, dc, dl, C,
+    dx = torch.empty_like(x)
+    res["bwd_rhs_ms"] = ms(lambda: chunk_output_adjoint(do, kn, v, g, beta, gs, dx, C, False))
+    res["bwd_cg_ms"] = ms(lambda: launch_chunk_cg(dx, kn, g, beta, lamb, hs, xq, dc, u, dc, dl, C,
                                                   steps, 0.0, True))
     res["bwd_state_rev_ms"] = ms(lambda: chunk_state_pass(u, xq, g, beta, z, C, True, -1.0, False))
     return res

@@ -2,7 +2,8 @@
 
 Pipeline (mesanet-math.md section 4, same algebra as ops.reference.chunk_bwd):
   1. forward state pass again (H_c, G_c at every chunk start; final H_T, G_T);
-  2. adjoint CG solve u = A^{-1} G do  (chunk_cg kernel, BWD=True), with per-token
+  2. adjoint CG solve u = A^{-1} G do: right-hand side by chunk_output_adjoint, solve by the
+     chunk_cg kernel (BWD=True), with per-token
      dc_t = -u.(H_t x_t) + x.dx and per-chunk dlamb partials;
   3. reverse state passes: dH_end, dG_end at every chunk end (dh_kk / dh_kv enter at the end);
   4. _chunk_grad_kernel below: per chunk, with W[t,s] = 1[s >= t] e^{b_s - b_t},
@@ -20,6 +21,7 @@ import triton.language as tl
 
 from .chunk_cg import _use_fp16_split, check_key_size, chunk_len, launch_chunk_cg
 from .chunk_common import mm, mm_pre, split_hi, split_lo
+from .chunk_output import chunk_output_adjoint
 from .chunk_states import chunk_state_pass
 
 
@@ -153,11 +155,11 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16,
                                  split_out=True)
     gs, g_end = chunk_state_pass(k, v, g32, b32, h_kv.float().contiguous(), C, False, 1.0, split_fp16)
-    u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
-    launch_chunk_cg(x, k, v, g32, b32, lamb32, hs, gs, x, do, dc, do, u, dc, dlamb_part,
-                    C, cg_steps, cg_tol, bwd=True)
+    u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)
+    chunk_output_adjoint(do, k, v, g32, b32, gs, u, C, split_fp16)  # u holds dx until the solve
+    launch_chunk_cg(u, k, g32, b32, lamb32, hs, x, dc, u, dc, dlamb_part, C, cg_steps, cg_tol, bwd=True)
     dhe, dh_kk0 = chunk_state_pass(u, x, g32, b32, dh_kk, C, True, -1.0, split_fp16)
     dge, dh_kv0 = chunk_state_pass(x, do, g32, b32, dh_kv, C, True, 1.0, split_fp16)
 

@@ -1,11 +1,11 @@
 """Chunkwise MesaNet CG solve: one program runs the whole CG loop of one (chunk, batch, head).
 
-Per chunk of C rows (tokens) with chunk-start states H_c, G_c and within-chunk cumulative log decay b:
+Per chunk of C rows (tokens) with chunk-start state H_c and within-chunk cumulative log decay b:
   M[t, s] = 1[t >= s] e^{b_t - b_s} beta_s                              (C, C)
   A(p)_t  = sum_s M[t, s] (k_s . p_t) k_s + e^{b_t} H_c p_t + lamb p_t    one CG matvec
   diag_t  = e^{b_t} diag(H_c) + sum_s M[t, s] k_s * k_s + lamb            Jacobi x0
-Forward (BWD=False): solve A x = q, write q* = x, o = ((X K^T) * M) V + e^b * (X G_c), steps.
-Backward (BWD=True): rhs dx = ((dO V^T) * M) K + e^b * (dO G_c^T), solve A u = dx, write u,
+Forward (BWD=False): solve A x = q, write q* = x and steps (o comes from chunk_output.py).
+Backward (BWD=True): solve A u = dx for the adjoint right-hand side dx (chunk_output.py), write u,
   dc_t = -u_t . (H_t x_t) + x_t . dx_t   (the o.do term equals x.dx), and per-chunk
   dlamb partials -sum_t u_t * x_t (reduced later on the host side: deterministic, no atomics).
 CG rows (tokens) stop individually: breakdown (p.w <= 0 or non-finite) keeps that row's x;
@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .chunk_common import mm, mm_pre, split_hi, split_lo
+from .chunk_output import chunk_output
 from .chunk_states import chunk_state_pass
 
 # Largest key size of the chunk kernels: the K x K state tile H_c stays in shared memory as a bf16
@@ -82,24 +83,19 @@ def _matvec_accurate(xt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
 
 @triton.jit
 def _chunk_cg_kernel(
-    q_ptr,  # (B, T, H, K) rhs source (fwd)
+    rhs_ptr,  # (B, T, H, K) right-hand side: q (fwd), dx fp32 (bwd)
     k_ptr,  # (B, T, H, K)
-    v_ptr,  # (B, T, H, V)
     g_ptr,  # (B, T, H) fp32
     beta_ptr,  # (B, T, H) fp32
     lamb_ptr,  # (H, K) fp32
     hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype
-    gs_ptr,  # (B, NT, H, K, V) fp32 chunk-start G
     x_ptr,  # (B, T, H, K) fp32: fwd out q*, bwd in q*
-    o_ptr,  # (B, T, H, V) fwd out
     steps_ptr,  # (B, T, H) int32 fwd out
-    do_ptr,  # (B, T, H, V) bwd in
     u_ptr,  # (B, T, H, K) fp32 bwd out
     dc_ptr,  # (B, T, H) fp32 bwd out
     dlamb_ptr,  # (B, NT, H, K) fp32 bwd out
-    T, H, K, V, NT, cg_steps, cg_tol,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BWD: tl.constexpr,
-    K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
+    T, H, K, NT, cg_steps, cg_tol,
+    C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -116,7 +112,6 @@ def _chunk_cg_kernel(
     km = ik < K
     kc = km[:, None] & tm[None, :]  # (BK, C)
     hbase = ((bb * NT + pid_c) * H + hh) * 2 * K * K
-    gbase = ((bb * NT + pid_c) * H + hh) * K * V
 
     g = tl.load(g_ptr + tok, mask=tm, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + tok, mask=tm, other=0.0).to(tl.float32)
@@ -146,28 +141,7 @@ def _chunk_cg_kernel(
     diag = mm(tl.trans(kf * kf), mdec_t, False, False, SPLIT_FP16) + hdiag[:, None] * eb[None, :]
     diag = diag + lamb[:, None]  # (BK, C)
 
-    # right-hand side (BK, C)
-    if BWD:
-        xq = tl.load(x_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) q*^T
-        sdv = tl.zeros([C, C], dtype=tl.float32)  # [s, t] = v_s . do_t
-        dog = tl.zeros([BK, C], dtype=tl.float32)  # G_c do_t
-        for v0 in range(0, V, BV):
-            iv = v0 + tl.arange(0, BV)
-            vm = iv < V
-            dot_ = tl.load(do_ptr + tok[None, :] * V + iv[:, None], mask=vm[:, None] & tm[None, :],
-                           other=0.0).to(tl.float32)  # (BV, C) dO^T
-            vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :],
-                         other=0.0).to(tl.float32)  # (C, BV)
-            gsv = tl.load(gs_ptr + gbase + ik[:, None] * V + iv[None, :], mask=km[:, None] & vm[None, :],
-                          other=0.0)  # (BK, BV)
-            sdv += mm(vv, dot_, V_EXACT, V_EXACT, SPLIT_FP16)
-            dog += mm(gsv, dot_, False, V_EXACT, SPLIT_FP16)
-        sdv = sdv * mdec_t
-        sdv_hi = split_hi(sdv, SPLIT_FP16)
-        rhs = mm_pre(kt_hi, kt_lo, sdv_hi, split_lo(sdv, sdv_hi, SPLIT_FP16), K_EXACT, False,
-                     dog * eb[None, :])  # (BK, C)
-    else:
-        rhs = tl.load(q_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0).to(tl.float32)
+    rhs = tl.load(rhs_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0).to(tl.float32)  # (BK, C)
 
     # CG from the Jacobi guess
     x = rhs / diag
@@ -206,38 +180,16 @@ def _chunk_cg_kernel(
 
     if BWD:
         tl.store(u_ptr + tok[None, :] * K + ik[:, None], x, mask=kc)
-        hx = _matvec_accurate(xq, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
-        hx = hx - xq * lamb[:, None]  # H_t x_t
-        dc = tl.sum(xq * rhs - x * hx, 0)
+        xq = tl.load(x_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) q*^T
+        # H_t symmetric and r = dx - A u (CG keeps r the residual of its x = u):
+        # -u.(H x) + x.dx = -x.(H u) + x.dx = x.(r + lamb u), with no matvec after the loop
+        dc = tl.sum(xq * (r + lamb[:, None] * x), 0)
         tl.store(dc_ptr + tok, dc, mask=tm)
         dl = -tl.sum(tl.where(kc, x * xq, 0.0), 1)  # (BK,)
         tl.store(dlamb_ptr + ((bb * NT + pid_c) * H + hh) * K + ik, dl, mask=km)
     else:
         tl.store(x_ptr + tok[None, :] * K + ik[:, None], x, mask=kc)
         tl.store(steps_ptr + tok, steps, mask=tm)
-        # o^T = V^T ((K X^T) * M^T) + (G_c^T X^T) e^b, split products
-        x_hi = split_hi(x, SPLIT_FP16)
-        x_lo = split_lo(x, x_hi, SPLIT_FP16)
-        sx = mm_pre(k_hi, k_lo, x_hi, x_lo, K_EXACT, False) * mdec_t  # (C, C)
-        sx_hi = split_hi(sx, SPLIT_FP16)
-        sx_lo = split_lo(sx, sx_hi, SPLIT_FP16)
-        for v0 in range(0, V, BV):
-            iv = v0 + tl.arange(0, BV)
-            vm = iv < V
-            vc = vm[:, None] & tm[None, :]
-            vt = tl.load(v_ptr + tok[None, :] * V + iv[:, None], mask=vc, other=0.0)  # (BV, C)
-            gt = tl.load(gs_ptr + gbase + iv[:, None] + ik[None, :] * V, mask=vm[:, None] & km[None, :],
-                         other=0.0)  # (BV, BK) G_c^T
-            if V_EXACT:
-                vt_hi = split_hi(vt, SPLIT_FP16)
-                vt_lo = vt_hi
-            else:
-                vt_hi = split_hi(vt.to(tl.float32), SPLIT_FP16)
-                vt_lo = split_lo(vt.to(tl.float32), vt_hi, SPLIT_FP16)
-            gt_hi = split_hi(gt, SPLIT_FP16)
-            ot = mm_pre(gt_hi, split_lo(gt, gt_hi, SPLIT_FP16), x_hi, x_lo, False, False) * eb[None, :]
-            ot = mm_pre(vt_hi, vt_lo, sx_hi, sx_lo, V_EXACT, False, ot)  # (BV, C)
-            tl.store(o_ptr + tok[None, :] * V + iv[:, None], ot.to(o_ptr.dtype.element_ty), mask=vc)
 
 
 def _use_fp16_split() -> bool:
@@ -246,23 +198,21 @@ def _use_fp16_split() -> bool:
     return bool(knobs.runtime.interpret)
 
 
-def launch_chunk_cg(q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb,
+def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
                     chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
                     num_warps: int | None = None) -> None:
-    """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel).
-    num_warps: None picks the default (8 for 64-row chunks of K > 64, else 4); benchmarks pass others."""
+    """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel; the
+    outputs of the other direction are not touched). num_warps: None picks the default (8 for
+    64-row chunks of K > 64, else 4); benchmarks pass others."""
     B, T, H, K = k.shape
-    V = v.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     split_fp16 = _use_fp16_split()
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64, triton.next_power_of_2(V)))
     torch.library.wrap_triton(_chunk_cg_kernel)[(NT, B * H)](
-        q, k, v, g, beta, lamb, hs, gs, x, o, steps, do, u, dc, dlamb,
-        T, H, K, V, NT, cg_steps, cg_tol,
-        C=chunk_size, BK=BK, BV=BV, BWD=bwd,
-        K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt, SPLIT_FP16=split_fp16,
+        rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
+        T, H, K, NT, cg_steps, cg_tol,
+        C=chunk_size, BK=BK, BWD=bwd, K_EXACT=k.dtype == split_dt, SPLIT_FP16=split_fp16,
         num_warps=num_warps or (8 if BK >= 128 and chunk_size >= 64 else 4),
     )
 
@@ -294,6 +244,6 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
-    launch_chunk_cg(q, k, v, g32, b32, lamb, hs, gs, x, o, steps, o, x, g32, lamb,
-                    chunk_size, cg_steps, cg_tol, bwd=False)
+    launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False)
+    chunk_output(x, k, v, g32, b32, gs, o, chunk_size, split_fp16)
     return o, x, h_kk_out, h_kv_out, steps
