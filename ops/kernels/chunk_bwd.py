@@ -34,8 +34,8 @@ def _chunk_grad_kernel(
     x_ptr,  # (B, T, H, K) fp32 q*
     u_ptr,  # (B, T, H, K) fp32 adjoint solve
     do_ptr,  # (B, T, H, V) in v's dtype
-    dhe_ptr,  # (B, NT, H, K, K) fp32 adjoint of H at each chunk end
-    dge_ptr,  # (B, NT, H, K, V) fp32 adjoint of G at each chunk end
+    dhe_ptr,  # (B, NT, H, 2, K, K) adjoint of H at each chunk end as (hi, lo) in the split dtype
+    dge_ptr,  # (B, NT, H, 2, K, V) adjoint of G at each chunk end as (hi, lo) in the split dtype
     dk_ptr,  # (B, T, H, K) out
     dv_ptr,  # (B, T, H, V) out
     dbeta_ptr,  # (B, T, H) fp32 out
@@ -43,86 +43,98 @@ def _chunk_grad_kernel(
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
+    # Tiles are held transposed, tokens along the columns (R^T (BK, C)): the K x K and K x V state
+    # adjoints are the A operands (M = BK rows) of the big products, read from shared memory as loaded
+    # (the CG kernel's layout, chunk_cg.py). With tokens as rows (M = C = 32) every product ran on the
+    # pre-Hopper MMA with the 128 x 128 state tiles copied into registers and spilled.
+    #   R1^T = DH ke^T - U^T A1     R2^T = DH^T ke^T - X^T A2     R3^T = DG ve^T + X^T A3
+    #   R4^T = DG^T ke^T + dO^T A1  with A1 = (X K^T) * W^T, A2 = (U K^T) * W^T, A3 = (dO V^T) * W^T,
+    #   ke = e^{bL-b} K, ve = e^{bL-b} V and W^T[s, t] = W[t, s].
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bb = (pid_bh // H).to(tl.int64)
     hh = (pid_bh % H).to(tl.int64)
 
-    rows = tl.arange(0, C)
-    t = pid_c * C + rows  # (C,)
+    cols = tl.arange(0, C)
+    t = pid_c * C + cols  # (C,)
     tm = t < T
     tok = (bb * T + t) * H + hh  # (C,)
     ik = tl.arange(0, BK)
     km = ik < K
-    ck = tm[:, None] & km[None, :]  # (C, BK)
-    hbase = ((bb * NT + pid_c) * H + hh) * K * K
-    gbase = ((bb * NT + pid_c) * H + hh) * K * V
+    kc = km[:, None] & tm[None, :]  # (BK, C)
+    hbase = ((bb * NT + pid_c) * H + hh) * 2 * K * K
+    gbase = ((bb * NT + pid_c) * H + hh) * 2 * K * V
 
     g = tl.load(g_ptr + tok, mask=tm, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + tok, mask=tm, other=0.0).to(tl.float32)
     bcum = tl.cumsum(g, 0)  # (C,)
     e_end = tl.exp(tl.sum(g, 0) - bcum)  # (C,) e^{b_L - b_t}
-    anti = rows[:, None] <= rows[None, :]
-    wdec = tl.where(anti, tl.exp(bcum[None, :] - bcum[:, None]), 0.0)  # (C, C) W[t, s]
+    wdec_t = tl.where(cols[:, None] >= cols[None, :], tl.exp(bcum[:, None] - bcum[None, :]), 0.0)  # [s, t]
 
-    kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
-    kf = kk.to(tl.float32)
+    kt = tl.load(k_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) K^T
+    ktf = kt.to(tl.float32)
     if K_EXACT:
-        k_hi = split_hi(kk, SPLIT_FP16)
-        k_lo = k_hi
+        kt_hi = split_hi(kt, SPLIT_FP16)
+        kt_lo = kt_hi
     else:
-        k_hi = split_hi(kf, SPLIT_FP16)
-        k_lo = split_lo(kf, k_hi, SPLIT_FP16)
-    x = tl.load(x_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
-    u = tl.load(u_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)
-    x_hi = split_hi(x, SPLIT_FP16)
-    x_lo = split_lo(x, x_hi, SPLIT_FP16)
-    u_hi = split_hi(u, SPLIT_FP16)
-    u_lo = split_lo(u, u_hi, SPLIT_FP16)
-    ke = kf * e_end[:, None]  # (C, BK)
-    ke_hi = split_hi(ke, SPLIT_FP16)
-    ke_lo = split_lo(ke, ke_hi, SPLIT_FP16)
+        kt_hi = split_hi(ktf, SPLIT_FP16)
+        kt_lo = split_lo(ktf, kt_hi, SPLIT_FP16)
+    xt = tl.load(x_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) X^T
+    ut = tl.load(u_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) U^T
+    xt_hi = split_hi(xt, SPLIT_FP16)
+    xt_lo = split_lo(xt, xt_hi, SPLIT_FP16)
+    ut_hi = split_hi(ut, SPLIT_FP16)
+    ut_lo = split_lo(ut, ut_hi, SPLIT_FP16)
+    ket = ktf * e_end[None, :]  # (BK, C) ke^T
+    ket_hi = split_hi(ket, SPLIT_FP16)
+    ket_lo = split_lo(ket, ket_hi, SPLIT_FP16)
 
-    kx = mm_pre(k_hi, k_lo, tl.trans(x_hi), tl.trans(x_lo), K_EXACT, False) * wdec  # (C, C)
-    ku = mm_pre(k_hi, k_lo, tl.trans(u_hi), tl.trans(u_lo), K_EXACT, False) * wdec
-    kx_hi = split_hi(kx, SPLIT_FP16)
-    kx_lo = split_lo(kx, kx_hi, SPLIT_FP16)
-    dh = tl.load(dhe_ptr + hbase + ik[:, None] * K + ik[None, :], mask=km[:, None] & km[None, :],
-                 other=0.0)  # (BK, BK)
-    dh_hi = split_hi(dh, SPLIT_FP16)
-    dh_lo = split_lo(dh, dh_hi, SPLIT_FP16)
-    r1 = mm_pre(ke_hi, ke_lo, tl.trans(dh_hi), tl.trans(dh_lo), False, False)  # (C, BK)
-    r2 = mm_pre(ke_hi, ke_lo, dh_hi, dh_lo, False, False)
-    r1 -= mm_pre(kx_hi, kx_lo, u_hi, u_lo, False, False)
-    r2 -= mm(ku, x, False, False, SPLIT_FP16)
+    a1 = mm_pre(tl.trans(xt_hi), tl.trans(xt_lo), kt_hi, kt_lo, False, K_EXACT) * wdec_t  # (C, C)
+    a2 = mm_pre(tl.trans(ut_hi), tl.trans(ut_lo), kt_hi, kt_lo, False, K_EXACT) * wdec_t
+    a1_hi = split_hi(a1, SPLIT_FP16)
+    a1_lo = split_lo(a1, a1_hi, SPLIT_FP16)
+    a2_hi = split_hi(a2, SPLIT_FP16)
+    # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory
+    hkk = ik[:, None] * K + ik[None, :]
+    dh_hi = tl.load(dhe_ptr + hbase + hkk, mask=km[:, None] & km[None, :], other=0.0)  # (BK, BK)
+    dh_lo = tl.load(dhe_ptr + hbase + K * K + hkk, mask=km[:, None] & km[None, :], other=0.0)
+    r1 = mm_pre(dh_hi, dh_lo, ket_hi, ket_lo, False, False)  # (BK, C)
+    r1 -= mm_pre(ut_hi, ut_lo, a1_hi, a1_lo, False, False)
+    r12 = mm_pre(tl.trans(dh_hi), tl.trans(dh_lo), ket_hi, ket_lo, False, False, r1)
+    r12 -= mm_pre(xt_hi, xt_lo, a2_hi, split_lo(a2, a2_hi, SPLIT_FP16), False, False)  # R1^T + R2^T
 
-    vdo = tl.zeros([C, C], dtype=tl.float32)
-    r3 = tl.zeros([C, BK], dtype=tl.float32)
+    a3 = tl.zeros([C, C], dtype=tl.float32)  # [s, t] = do_s . v_t
+    r3 = tl.zeros([BK, C], dtype=tl.float32)
     for v0 in range(0, V, BV):
         iv = v0 + tl.arange(0, BV)
         vm = iv < V
-        cv = tm[:, None] & vm[None, :]
-        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0).to(tl.float32)  # (C, BV)
-        dov = tl.load(do_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0).to(tl.float32)
-        dg_blk = tl.load(dge_ptr + gbase + ik[:, None] * V + iv[None, :], mask=km[:, None] & vm[None, :],
-                         other=0.0)  # (BK, BV)
-        dg_hi = split_hi(dg_blk, SPLIT_FP16)
-        dg_lo = split_lo(dg_blk, dg_hi, SPLIT_FP16)
-        vdo += mm(vv, tl.trans(dov), V_EXACT, V_EXACT, SPLIT_FP16)
-        r3 += mm(vv * e_end[:, None], tl.trans(dg_blk), False, False, SPLIT_FP16)
-        do_hi = split_hi(dov, SPLIT_FP16)
-        do_lo = do_hi
-        if not V_EXACT:
-            do_lo = split_lo(dov, do_hi, SPLIT_FP16)
-        r4 = mm_pre(kx_hi, kx_lo, do_hi, do_lo, False, V_EXACT)
-        r4 += mm_pre(ke_hi, ke_lo, dg_hi, dg_lo, False, False)  # (C, BV)
-        tl.store(dv_ptr + tok[:, None] * V + iv[None, :], (beta[:, None] * r4).to(dv_ptr.dtype.element_ty),
-                 mask=cv)
-    r3 += mm(vdo * wdec, x, False, False, SPLIT_FP16)
-    dk = beta[:, None] * (r1 + r2 + r3)
-    tl.store(dk_ptr + tok[:, None] * K + ik[None, :], dk.to(dk_ptr.dtype.element_ty), mask=ck)
-    dbeta = tl.sum(kf * (r1 + r3), 1)
-    tl.store(dbeta_ptr + tok, dbeta, mask=tm)
+        vc = vm[:, None] & tm[None, :]
+        vt = tl.load(v_ptr + tok[None, :] * V + iv[:, None], mask=vc, other=0.0).to(tl.float32)  # (BV, C)
+        dot_ = tl.load(do_ptr + tok[None, :] * V + iv[:, None], mask=vc, other=0.0)  # (BV, C) dO^T
+        dgm = km[:, None] & vm[None, :]
+        dg_hi = tl.load(dge_ptr + gbase + ik[:, None] * V + iv[None, :], mask=dgm, other=0.0)  # (BK, BV)
+        dg_lo = tl.load(dge_ptr + gbase + K * V + ik[:, None] * V + iv[None, :], mask=dgm, other=0.0)
+        a3 += mm(tl.trans(dot_.to(tl.float32)), vt, V_EXACT, V_EXACT, SPLIT_FP16)
+        vet = vt * e_end[None, :]  # (BV, C) ve^T
+        vet_hi = split_hi(vet, SPLIT_FP16)
+        r3 = mm_pre(dg_hi, dg_lo, vet_hi, split_lo(vet, vet_hi, SPLIT_FP16), False, False, r3)
+        if V_EXACT:
+            dot_hi = split_hi(dot_, SPLIT_FP16)
+            dot_lo = dot_hi
+        else:
+            dot_hi = split_hi(dot_.to(tl.float32), SPLIT_FP16)
+            dot_lo = split_lo(dot_.to(tl.float32), dot_hi, SPLIT_FP16)
+        r4 = mm_pre(dot_hi, dot_lo, a1_hi, a1_lo, V_EXACT, False)  # (BV, C)
+        r4 = mm_pre(tl.trans(dg_hi), tl.trans(dg_lo), ket_hi, ket_lo, False, False, r4)
+        tl.store(dv_ptr + tok[None, :] * V + iv[:, None], (beta[None, :] * r4).to(dv_ptr.dtype.element_ty),
+                 mask=vc)
+    a3 = a3 * wdec_t
+    a3_hi = split_hi(a3, SPLIT_FP16)
+    r3 = mm_pre(xt_hi, xt_lo, a3_hi, split_lo(a3, a3_hi, SPLIT_FP16), False, False, r3)
+    tl.store(dk_ptr + tok[None, :] * K + ik[:, None], (beta[None, :] * (r12 + r3)).to(dk_ptr.dtype.element_ty),
+             mask=kc)
+    # dbeta = rowsum(K * (R1 + R3))
+    tl.store(dbeta_ptr + tok, tl.sum(ktf * (r1 + r3), 0), mask=tm)
 
 
 def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -160,18 +172,20 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)
     chunk_output_adjoint(do, k, v, g32, b32, gs, u, C, split_fp16)  # u holds dx until the solve
     launch_chunk_cg(u, k, g32, b32, lamb32, hs, x, dc, u, dc, dlamb_part, C, cg_steps, cg_tol, bwd=True)
-    dhe, dh_kk0 = chunk_state_pass(u, x, g32, b32, dh_kk, C, True, -1.0, split_fp16)
-    dge, dh_kv0 = chunk_state_pass(x, do, g32, b32, dh_kv, C, True, 1.0, split_fp16)
+    dhe, dh_kk0 = chunk_state_pass(u, x, g32, b32, dh_kk, C, True, -1.0, split_fp16, split_out=True)
+    dge, dh_kv0 = chunk_state_pass(x, do, g32, b32, dh_kv, C, True, 1.0, split_fp16, split_out=True)
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dbeta = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64, triton.next_power_of_2(V)))
+    # NOTE: on an H200 (B=8 T=2048 H=16 K=V=128) V blocks of 128 / 8 warps / 2 stages took 1.07 ms,
+    # 64 / 8 / 3 1.23 ms, 32 / 4 / 3 1.84 ms (benchmarks/NOTES-kernels.md, round 4)
+    BV = max(16, min(128, triton.next_power_of_2(V)))
     torch.library.wrap_triton(_chunk_grad_kernel)[(NT, B * H)](
         k, v, g32, b32, x, u, do, dhe, dge, dk, dv, dbeta, T, H, K, V, NT,
         C=C, BK=BK, BV=BV, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
-        SPLIT_FP16=split_fp16, num_warps=8 if BK >= 128 else 4,
+        SPLIT_FP16=split_fp16, num_warps=8 if BK >= 128 else 4, num_stages=2,
     )
 
     d_cum = dc - b32 * dbeta  # (B, T, H)
