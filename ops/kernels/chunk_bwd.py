@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .chunk_cg import _use_fp16_split, check_key_size, chunk_len, launch_chunk_cg
-from .chunk_common import mm, mm_pre, split_hi, split_lo
+from .chunk_common import mm, mm_pre, split_hi, split_lo, split_pair
 from .chunk_output import chunk_output_adjoint
 from .chunk_states import chunk_state_pass
 
@@ -73,12 +73,7 @@ def _chunk_grad_kernel(
 
     kt = tl.load(k_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) K^T
     ktf = kt.to(tl.float32)
-    if K_EXACT:
-        kt_hi = split_hi(kt, SPLIT_FP16)
-        kt_lo = kt_hi
-    else:
-        kt_hi = split_hi(ktf, SPLIT_FP16)
-        kt_lo = split_lo(ktf, kt_hi, SPLIT_FP16)
+    kt_hi, kt_lo = split_pair(kt, K_EXACT, SPLIT_FP16)
     xt = tl.load(x_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) X^T
     ut = tl.load(u_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) U^T
     xt_hi = split_hi(xt, SPLIT_FP16)
@@ -118,12 +113,7 @@ def _chunk_grad_kernel(
         vet = vt * e_end[None, :]  # (BV, C) ve^T
         vet_hi = split_hi(vet, SPLIT_FP16)
         r3 = mm_pre(dg_hi, dg_lo, vet_hi, split_lo(vet, vet_hi, SPLIT_FP16), False, False, r3)
-        if V_EXACT:
-            dot_hi = split_hi(dot_, SPLIT_FP16)
-            dot_lo = dot_hi
-        else:
-            dot_hi = split_hi(dot_.to(tl.float32), SPLIT_FP16)
-            dot_lo = split_lo(dot_.to(tl.float32), dot_hi, SPLIT_FP16)
+        dot_hi, dot_lo = split_pair(dot_, V_EXACT, SPLIT_FP16)
         r4 = mm_pre(dot_hi, dot_lo, a1_hi, a1_lo, V_EXACT, False)  # (BV, C)
         r4 = mm_pre(tl.trans(dg_hi), tl.trans(dg_lo), ket_hi, ket_lo, False, False, r4)
         tl.store(dv_ptr + tok[None, :] * V + iv[:, None], (beta[None, :] * r4).to(dv_ptr.dtype.element_ty),

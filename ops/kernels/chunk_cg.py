@@ -18,8 +18,8 @@ the search directions P^T (BK, C), so a CG matvec is
 with the loop-invariant K, K^T, H_c as the A operands (shared memory) and the BK rows as the dots' M
 dimension, split across the warp groups. With tokens as M (C = 64 rows) both warp groups of 8 warps
 needed their own register copies of every per-step A operand: 255 registers and 4.2 KB of spills per
-thread (sm_90a compiler report). The spills halved, but the time per CG step barely moved: the loop
-is latency-bound (benchmarks/NOTES-kernels.md, round 3).
+thread (sm_90a compiler report). The kernel does nothing but the solve: a read-out after the loop kept
+its tiles live through it and cost 1.7x in time per step (benchmarks/NOTES-kernels.md, round 4).
 NOTE (numerics): CG with rounded search directions. P is rounded to the split dtype and the rounded
 p~ is used consistently (x += alpha p~, r -= alpha A p~, alpha = r.p~ / p~.A p~, next p = r + beta p~),
 so r stays the residual of x: the rounding slows convergence a little but sets no error floor.
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import mm, mm_pre, split_hi, split_lo
+from .chunk_common import mm, mm_pre, split_hi, split_lo, split_pair
 from .chunk_output import chunk_output
 from .chunk_states import chunk_state_pass
 
@@ -124,12 +124,7 @@ def _chunk_cg_kernel(
 
     kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
     kf = kk.to(tl.float32)
-    if K_EXACT:
-        k_hi = split_hi(kk, SPLIT_FP16)
-        k_lo = k_hi
-    else:
-        k_hi = split_hi(kf, SPLIT_FP16)
-        k_lo = split_lo(kf, k_hi, SPLIT_FP16)
+    k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
     kt_hi = tl.trans(k_hi)
     kt_lo = tl.trans(k_lo)
     # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory

@@ -36,6 +36,18 @@ def split_lo(x, hi, SPLIT_FP16: tl.constexpr):
 
 
 @triton.jit
+def split_pair(x, EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """(hi, lo) of a tile; a tile already exact in the split dtype (EXACT) is its own lo, which the
+    products (mm_pre with A_EXACT / B_EXACT) then skip."""
+    xf = x.to(tl.float32)
+    hi = split_hi(xf, SPLIT_FP16)
+    lo = hi
+    if not EXACT:
+        lo = split_lo(xf, hi, SPLIT_FP16)
+    return hi, lo
+
+
+@triton.jit
 def mm_pre(a_hi, a_lo, b_hi, b_lo, A_EXACT: tl.constexpr, B_EXACT: tl.constexpr, acc=None):
     """acc + a @ b from pre-split operands, fp32 accumulation; small terms first."""
     if A_EXACT:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import mm, mm_pre, split_hi, split_lo
+from .chunk_common import mm, mm_pre, split_hi, split_lo, split_pair
 
 
 @triton.jit
@@ -63,23 +63,13 @@ def _chunk_output_kernel(
     x_hi = split_hi(x, SPLIT_FP16)
     x_lo = split_lo(x, x_hi, SPLIT_FP16)
     kt = tl.load(k_ptr + tok[None, :] * K + ik[:, None], mask=km[:, None] & tm[None, :], other=0.0)  # (BK, C)
-    if K_EXACT:
-        kt_hi = split_hi(kt, SPLIT_FP16)
-        kt_lo = kt_hi
-    else:
-        kt_hi = split_hi(kt.to(tl.float32), SPLIT_FP16)
-        kt_lo = split_lo(kt.to(tl.float32), kt_hi, SPLIT_FP16)
+    kt_hi, kt_lo = split_pair(kt, K_EXACT, SPLIT_FP16)
     s = mm_pre(x_hi, x_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
     s_hi = split_hi(s, SPLIT_FP16)
     s_lo = split_lo(s, s_hi, SPLIT_FP16)
 
     vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
-    if V_EXACT:
-        v_hi = split_hi(vv, SPLIT_FP16)
-        v_lo = v_hi
-    else:
-        v_hi = split_hi(vv.to(tl.float32), SPLIT_FP16)
-        v_lo = split_lo(vv.to(tl.float32), v_hi, SPLIT_FP16)
+    v_hi, v_lo = split_pair(vv, V_EXACT, SPLIT_FP16)
     gbase = ((bb * NT + pid_c) * H + hh) * K * V
     gc = tl.load(gs_ptr + gbase + ik[:, None] * V + iv[None, :], mask=km[:, None] & vm[None, :], other=0.0)
     gc_hi = split_hi(gc, SPLIT_FP16)
@@ -148,12 +138,7 @@ def _chunk_output_adjoint_kernel(
     s = sdv * mdec
     s_hi = split_hi(s, SPLIT_FP16)
     kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
-    if K_EXACT:
-        k_hi = split_hi(kk, SPLIT_FP16)
-        k_lo = k_hi
-    else:
-        k_hi = split_hi(kk.to(tl.float32), SPLIT_FP16)
-        k_lo = split_lo(kk.to(tl.float32), k_hi, SPLIT_FP16)
+    k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
     dx = mm_pre(s_hi, split_lo(s, s_hi, SPLIT_FP16), k_hi, k_lo, False, K_EXACT, dog * tl.exp(bcum)[:, None])
     tl.store(dx_ptr + tok[:, None] * K + ik[None, :], dx, mask=ck)
 
