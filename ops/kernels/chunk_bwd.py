@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .chunk_cg import _use_fp16_split, check_key_size, chunk_len, launch_chunk_cg
-from .chunk_common import mm, mm_pre, split_hi, split_lo, split_pair
+from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
 from .chunk_output import chunk_output_adjoint
 from .chunk_states import chunk_state_pass
 
@@ -50,15 +50,7 @@ def _chunk_grad_kernel(
     #   R1^T = DH ke^T - U^T A1     R2^T = DH^T ke^T - X^T A2     R3^T = DG ve^T + X^T A3
     #   R4^T = DG^T ke^T + dO^T A1  with A1 = (X K^T) * W^T, A2 = (U K^T) * W^T, A3 = (dO V^T) * W^T,
     #   ke = e^{bL-b} K, ve = e^{bL-b} V and W^T[s, t] = W[t, s].
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bb = (pid_bh // H).to(tl.int64)
-    hh = (pid_bh % H).to(tl.int64)
-
-    cols = tl.arange(0, C)
-    t = pid_c * C + cols  # (C,)
-    tm = t < T
-    tok = (bb * T + t) * H + hh  # (C,)
+    pid_c, bb, hh, cols, tm, tok = chunk_tokens(T, H, C)
     ik = tl.arange(0, BK)
     km = ik < K
     kc = km[:, None] & tm[None, :]  # (BK, C)
@@ -76,18 +68,14 @@ def _chunk_grad_kernel(
     kt_hi, kt_lo = split_pair(kt, K_EXACT, SPLIT_FP16)
     xt = tl.load(x_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) X^T
     ut = tl.load(u_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0)  # (BK, C) U^T
-    xt_hi = split_hi(xt, SPLIT_FP16)
-    xt_lo = split_lo(xt, xt_hi, SPLIT_FP16)
-    ut_hi = split_hi(ut, SPLIT_FP16)
-    ut_lo = split_lo(ut, ut_hi, SPLIT_FP16)
+    xt_hi, xt_lo = split_pair(xt, False, SPLIT_FP16)
+    ut_hi, ut_lo = split_pair(ut, False, SPLIT_FP16)
     ket = ktf * e_end[None, :]  # (BK, C) ke^T
-    ket_hi = split_hi(ket, SPLIT_FP16)
-    ket_lo = split_lo(ket, ket_hi, SPLIT_FP16)
+    ket_hi, ket_lo = split_pair(ket, False, SPLIT_FP16)
 
     a1 = mm_pre(tl.trans(xt_hi), tl.trans(xt_lo), kt_hi, kt_lo, False, K_EXACT) * wdec_t  # (C, C)
     a2 = mm_pre(tl.trans(ut_hi), tl.trans(ut_lo), kt_hi, kt_lo, False, K_EXACT) * wdec_t
-    a1_hi = split_hi(a1, SPLIT_FP16)
-    a1_lo = split_lo(a1, a1_hi, SPLIT_FP16)
+    a1_hi, a1_lo = split_pair(a1, False, SPLIT_FP16)
     a2_hi = split_hi(a2, SPLIT_FP16)
     # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory
     hkk = ik[:, None] * K + ik[None, :]

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import mm, mm_pre, split_hi, split_lo, split_pair
+from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
 from .chunk_output import chunk_output
 from .chunk_states import chunk_state_pass
 
@@ -97,17 +97,9 @@ def _chunk_cg_kernel(
     T, H, K, NT, cg_steps, cg_tol,
     C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bb = (pid_bh // H).to(tl.int64)
-    hh = (pid_bh % H).to(tl.int64)
+    pid_c, bb, hh, cols, tm, tok = chunk_tokens(T, H, C)
     cg_tol = tl.cast(cg_tol, tl.float32)
     tol2 = cg_tol * cg_tol
-
-    cols = tl.arange(0, C)
-    t = pid_c * C + cols  # (C,)
-    tm = t < T
-    tok = (bb * T + t) * H + hh  # (C,)
     ik = tl.arange(0, BK)
     km = ik < K
     kc = km[:, None] & tm[None, :]  # (BK, C)

@@ -36,6 +36,20 @@ def split_lo(x, hi, SPLIT_FP16: tl.constexpr):
 
 
 @triton.jit
+def chunk_tokens(T, H, C: tl.constexpr):
+    """Where a chunk program works, on the grid (chunks, batch * heads): its chunk index, batch and head
+    (int64), the chunk's positions 0..C-1, their in-sequence mask and flat token indices into
+    (B, T, H, ...) tensors."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bb = (pid_bh // H).to(tl.int64)
+    hh = (pid_bh % H).to(tl.int64)
+    pos = tl.arange(0, C)
+    t = pid_c * C + pos
+    return pid_c, bb, hh, pos, t < T, (bb * T + t) * H + hh
+
+
+@triton.jit
 def split_pair(x, EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
     """(hi, lo) of a tile; a tile already exact in the split dtype (EXACT) is its own lo, which the
     products (mm_pre with A_EXACT / B_EXACT) then skip."""

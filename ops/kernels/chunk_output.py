@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import mm, mm_pre, split_hi, split_lo, split_pair
+from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
 
 
 @triton.jit
@@ -40,16 +40,8 @@ def _chunk_output_kernel(
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_c, bb, hh, rows, tm, tok = chunk_tokens(T, H, C)
     pid_v = tl.program_id(2)
-    bb = (pid_bh // H).to(tl.int64)
-    hh = (pid_bh % H).to(tl.int64)
-
-    rows = tl.arange(0, C)
-    t = pid_c * C + rows
-    tm = t < T
-    tok = (bb * T + t) * H + hh  # (C,)
     ik = tl.arange(0, BK)
     km = ik < K
     iv = pid_v * BV + tl.arange(0, BV)
@@ -60,13 +52,11 @@ def _chunk_output_kernel(
     bcum, mdec = _decay(g_ptr, beta_ptr, tok, tm, rows)
 
     x = tl.load(x_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
-    x_hi = split_hi(x, SPLIT_FP16)
-    x_lo = split_lo(x, x_hi, SPLIT_FP16)
+    x_hi, x_lo = split_pair(x, False, SPLIT_FP16)
     kt = tl.load(k_ptr + tok[None, :] * K + ik[:, None], mask=km[:, None] & tm[None, :], other=0.0)  # (BK, C)
     kt_hi, kt_lo = split_pair(kt, K_EXACT, SPLIT_FP16)
     s = mm_pre(x_hi, x_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
-    s_hi = split_hi(s, SPLIT_FP16)
-    s_lo = split_lo(s, s_hi, SPLIT_FP16)
+    s_hi, s_lo = split_pair(s, False, SPLIT_FP16)
 
     vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
     v_hi, v_lo = split_pair(vv, V_EXACT, SPLIT_FP16)
@@ -108,15 +98,7 @@ def _chunk_output_adjoint_kernel(
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    bb = (pid_bh // H).to(tl.int64)
-    hh = (pid_bh % H).to(tl.int64)
-
-    rows = tl.arange(0, C)
-    t = pid_c * C + rows
-    tm = t < T
-    tok = (bb * T + t) * H + hh  # (C,)
+    pid_c, bb, hh, rows, tm, tok = chunk_tokens(T, H, C)
     ik = tl.arange(0, BK)
     km = ik < K
     ck = tm[:, None] & km[None, :]
