@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .chunk_cg import _use_fp16_split, check_key_size, chunk_len, launch_chunk_cg
 from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
-from .chunk_output import chunk_output_adjoint
+from .chunk_output import chunk_readout_adjoint
 from .chunk_states import chunk_state_pass
 
 
@@ -144,11 +144,11 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 
     hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16,
                                  split_out=True)
-    gs, g_end = chunk_state_pass(k, v, g32, b32, h_kv.float().contiguous(), C, False, 1.0, split_fp16)
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
     u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)
-    chunk_output_adjoint(do, k, v, g32, b32, gs, u, C, split_fp16)  # u holds dx until the solve
+    # u holds dx until the solve
+    g_end = chunk_readout_adjoint(do, k, v, g32, b32, h_kv.float().contiguous(), u, split_fp16)
     launch_chunk_cg(u, k, g32, b32, lamb32, hs, x, dc, u, dc, dlamb_part, C, cg_steps, cg_tol, bwd=True)
     dhe, dh_kk0 = chunk_state_pass(u, x, g32, b32, dh_kk, C, True, -1.0, split_fp16, split_out=True)
     dge, dh_kv0 = chunk_state_pass(x, do, g32, b32, dh_kv, C, True, 1.0, split_fp16, split_out=True)

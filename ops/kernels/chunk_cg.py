@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
-from .chunk_output import chunk_output
+from .chunk_output import chunk_readout
 from .chunk_states import chunk_state_pass
 
 # Largest key size of the chunk kernels: the K x K state tile H_c stays in shared memory as a bf16
@@ -226,11 +226,9 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     split_fp16 = _use_fp16_split()
     hs, h_kk_out = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), chunk_size, False, 1.0,
                                     split_fp16, split_out=True)
-    gs, h_kv_out = chunk_state_pass(k, v, g32, b32, h_kv.float().contiguous(), chunk_size, False, 1.0,
-                                    split_fp16)
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
     launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False)
-    chunk_output(x, k, v, g32, b32, gs, o, chunk_size, split_fp16)
+    h_kv_out = chunk_readout(x, k, v, g32, b32, h_kv.float().contiguous(), o, split_fp16)
     return o, x, h_kk_out, h_kv_out, steps
