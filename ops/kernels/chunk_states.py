@@ -114,6 +114,9 @@ def chunk_state_pass(
         a, b, g, beta, s0, s_all, s_fin, T, H, DA, DB, NT, a_scale,
         C=chunk_size, BA=BA, BB=BB, REVERSE=reverse,
         B_EXACT=b.dtype == split_dt, SPLIT_FP16=split_fp16, SPLIT_OUT=split_out,
-        num_warps=4,
+        # NOTE: H100, B=8 T=2048 H=16 K=128, chunk 32: the forward H pass took 0.26 ms at 2 warps
+        # against 0.36 ms at 4; the reverse passes 0.37 / 0.35 ms at 4 warps, no faster at 2
+        # (benchmarks/NOTES-kernels.md, round 5)
+        num_warps=4 if reverse else 2,
     )
     return s_all, s_fin
