@@ -4,7 +4,7 @@ Per chunk of C rows (tokens) with chunk-start state H_c and within-chunk cumulat
   M[t, s] = 1[t >= s] e^{b_t - b_s} beta_s                              (C, C)
   A(p)_t  = sum_s M[t, s] (k_s . p_t) k_s + e^{b_t} H_c p_t + lamb p_t    one CG matvec
   diag_t  = e^{b_t} diag(H_c) + sum_s M[t, s] k_s * k_s + lamb            Jacobi x0
-Forward (BWD=False): solve A x = q, write q* = x and steps (o comes from chunk_output.py).
+Forward (BWD=False): solve A x = q, write q* = x and steps (o: chunk_readout, chunk_output.py).
 Backward (BWD=True): solve A u = dx for the adjoint right-hand side dx (chunk_output.py), write u,
   dc_t = -u_t . (H_t x_t) + x_t . dx_t   (the o.do term equals x.dx), and per-chunk
   dlamb partials -sum_t u_t * x_t (reduced later on the host side: deterministic, no atomics).

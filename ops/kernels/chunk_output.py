@@ -8,10 +8,12 @@ and the chunk-start state G_c:
 A program owns one block of G (read-out: all K rows x a block of V columns; adjoint: a block of K rows
 x all V columns, so that each contraction is whole inside it), keeps it in fp32 registers and walks
 the chunks in order, writing o (dX) chunk by chunk and the final G at the end.
-NOTE: G_c is never written to memory: a separate state pass wrote every chunk-start G_c (fp32) and the
-read-out read it back, ~1 GB of traffic at B=8 T=2048 H=16 K=V=128; the two kernels took 0.75 ms on
-an H200 (benchmarks/NOTES-kernels.md, round 5). Products are split like every product of the chunk
-kernels (chunk_common.py); the state update is the state pass's (chunk_states.py), term for term.
+NOTE: G_c is never written to memory. Before, a state pass wrote every chunk-start G_c (fp32, 0.5 GB
+at B=8 T=2048 H=16 K=V=128, chunk 32) and the read-out read it back. Same run on an H100: state pass
++ read-out 0.87 ms against 0.49 ms for the scan; state pass + adjoint 1.00 ms against 0.33 ms
+(benchmarks/NOTES-kernels.md, round 5). Products are split like every product of the chunk kernels
+(chunk_common.py); the state update is the state pass's (chunk_states.py), term for term: on the
+GPU, o and the final G were bit-identical to the two-kernel path's, dX within 5e-8.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import triton.language as tl
 
 from .chunk_common import mm, mm_pre, split_pair
 
-# Chunk length of the scans, independent of the CG's chunks. NOTE: at 64 the forward scan raised an
-# illegal address on an H100 with triton 3.6 (every block / warp / stage setting tried); 32 runs.
+# Chunk length of the scans, independent of the CG's chunks. NOTE: at 64 (V blocks of 32, 4 warps,
+# 1 stage) the forward scan raised an illegal address on an H100 with triton 3.6; 32 runs.
 READOUT_CHUNK = 32
 
 
@@ -34,7 +36,8 @@ def _chunk_decay(g_ptr, beta_ptr, tok, tm, rows):
     beta = tl.load(beta_ptr + tok, mask=tm, other=0.0)
     bcum = tl.cumsum(g, 0)
     b_last = tl.sum(g, 0)
-    mdec = tl.where(rows[:, None] >= rows[None, :], tl.exp(bcum[:, None] - bcum[None, :]), 0.0) * beta[None, :]
+    causal = rows[:, None] >= rows[None, :]
+    mdec = tl.where(causal, tl.exp(bcum[:, None] - bcum[None, :]), 0.0) * beta[None, :]
     w = tl.where(tm, tl.exp(b_last - bcum) * beta, 0.0)
     return bcum, mdec, w, tl.exp(b_last)
 
@@ -69,12 +72,15 @@ def _readout_scan_kernel(
         t = c * C + rows
         tm = t < T
         tok = (bb * T + t) * H + hh
+        ck = tm[:, None] & km[None, :]
+        cv = tm[:, None] & vm[None, :]
         bcum, mdec, w, e_last = _chunk_decay(g_ptr, beta_ptr, tok, tm, rows)
-        x = tl.load(x_ptr + tok[:, None] * K + ik[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+        x = tl.load(x_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
         x_hi, x_lo = split_pair(x, False, SPLIT_FP16)
-        kt = tl.load(k_ptr + tok[None, :] * K + ik[:, None], mask=km[:, None] & tm[None, :], other=0.0)  # (BK, C)
+        kt = tl.load(k_ptr + tok[None, :] * K + ik[:, None], mask=km[:, None] & tm[None, :],
+                     other=0.0)  # (BK, C)
         kt_hi, kt_lo = split_pair(kt, K_EXACT, SPLIT_FP16)
-        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
+        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
         v_hi, v_lo = split_pair(vv, V_EXACT, SPLIT_FP16)
 
         s = mm_pre(x_hi, x_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
@@ -82,7 +88,7 @@ def _readout_scan_kernel(
         st_hi, st_lo = split_pair(state, False, SPLIT_FP16)
         o = mm_pre(x_hi, x_lo, st_hi, st_lo, False, False) * tl.exp(bcum)[:, None]
         o = mm_pre(s_hi, s_lo, v_hi, v_lo, False, V_EXACT, o)  # (C, BV)
-        tl.store(o_ptr + tok[:, None] * V + iv[None, :], o.to(o_ptr.dtype.element_ty), mask=tm[:, None] & vm[None, :])
+        tl.store(o_ptr + tok[:, None] * V + iv[None, :], o.to(o_ptr.dtype.element_ty), mask=cv)
 
         kw = kt.to(tl.float32) * w[None, :]  # (BK, C) (K * w)^T
         state = e_last * state + mm(kw, vv.to(tl.float32), False, V_EXACT, SPLIT_FP16)
@@ -119,17 +125,19 @@ def _readout_adjoint_scan_kernel(
         t = c * C + rows
         tm = t < T
         tok = (bb * T + t) * H + hh
+        ck = tm[:, None] & km[None, :]
+        cv = tm[:, None] & vm[None, :]
         bcum, mdec, w, e_last = _chunk_decay(g_ptr, beta_ptr, tok, tm, rows)
-        dov = tl.load(do_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
-        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :], other=0.0)  # (C, BV)
-        kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=tm[:, None] & km[None, :], other=0.0)  # (C, BK)
+        dov = tl.load(do_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
+        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
+        kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
         k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
 
         s = mm(dov.to(tl.float32), tl.trans(vv.to(tl.float32)), V_EXACT, V_EXACT, SPLIT_FP16) * mdec  # (C, C)
         s_hi, s_lo = split_pair(s, False, SPLIT_FP16)
         dog = mm(dov.to(tl.float32), tl.trans(state), V_EXACT, False, SPLIT_FP16)  # (C, BK) dO G_c^T
         dx = mm_pre(s_hi, s_lo, k_hi, k_lo, False, K_EXACT, dog * tl.exp(bcum)[:, None])
-        tl.store(dx_ptr + tok[:, None] * K + ik[None, :], dx, mask=tm[:, None] & km[None, :])
+        tl.store(dx_ptr + tok[:, None] * K + ik[None, :], dx, mask=ck)
 
         kw = tl.trans(kk.to(tl.float32) * w[:, None])  # (BK, C)
         state = e_last * state + mm(kw, vv.to(tl.float32), False, V_EXACT, SPLIT_FP16)
@@ -161,14 +169,17 @@ def chunk_readout(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
 
 
 def chunk_readout_adjoint(do: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                          beta: torch.Tensor, h_kv: torch.Tensor, dx: torch.Tensor, split_fp16: bool) -> torch.Tensor:
+                          beta: torch.Tensor, h_kv: torch.Tensor, dx: torch.Tensor,
+                          split_fp16: bool) -> torch.Tensor:
     """Write dx (B, T, H, K) fp32, the adjoint of the read-out applied to do (B, T, H, V) (in v's
     dtype), scanning G from h_kv; returns the final G. Other arguments as for chunk_readout."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     BKF, BV = _blocks(K, V)
-    # a block of K rows x all V columns of G stays within 64 fp32 registers per thread at 4 warps
+    # a block of K rows x all V columns of G stays within 64 fp32 registers per thread at 4 warps.
+    # NOTE: H100, K=V=128: K blocks of 64 / 4 warps 0.33 ms (1 or 2 stages), 64 / 8 / 2 0.48,
+    # 32 / 4 / 2 0.40 (benchmarks/NOTES-kernels.md, round 5)
     BK = max(16, min(BKF, 8192 // BV))
     s_fin = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
     torch.library.wrap_triton(_readout_adjoint_scan_kernel)[(triton.cdiv(K, BK), B * H)](
