@@ -31,6 +31,8 @@ CASES = {
     "f16_t20": (2, 20, 2, 32, 16, torch.float16, 16, 12, 0.0, True),
     "f32_k48_v40_tol": (1, 40, 2, 48, 40, torch.float32, 32, 30, 1e-3, False),
     "f32_zero_steps": (1, 16, 2, 16, 16, torch.float32, 16, 0, 0.0, False),
+    # V padded to 256: the adjoint read-out scan splits K = 48 into two blocks of 32 rows
+    "f32_k48_v160_blocks": (1, 45, 1, 48, 160, torch.float32, 16, 40, 0.0, True),
 }
 FWD_NAMES = ("o", "q_star", "h_kk", "h_kv", "steps")
 BWD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dlamb", "dh_kk0", "dh_kv0")
