@@ -45,27 +45,29 @@ def ms(fn):
 
 
 def breakdown(qn, kn, v, g, beta, lamb, do, steps):
-    """Time of each kernel of our forward and backward, at the chunk length the kernels pick."""
+    """Time of each kernel of our forward and backward, at the chunk length the CG kernels pick (the
+    read-out scans use their own, READOUT_CHUNK)."""
     B, T, H, K = qn.shape
     C = chunk_len(64, K)
     z = torch.zeros(B, H, K, K, device="cuda")
+    zkv = torch.zeros(B, H, K, v.shape[-1], device="cuda")
     res = {"chunk": C}
-    res["state_H_ms"] = ms(lambda: chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False, split_out=True))
-    hs, _ = chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False, split_out=True)
+    res["state_H_ms"] = ms(lambda: chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False))
+    hs, _ = chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False)
     x = torch.empty(B, T, H, K, device="cuda")
     o = torch.empty_like(v)
     st = torch.empty(B, T, H, device="cuda", dtype=torch.int32)
     for n in (0, steps):
         res[f"cg_steps{n}_ms"] = ms(lambda: launch_chunk_cg(qn, kn, g, beta, lamb, hs, x, st, x, g, lamb, C, n,
                                                             0.0, False))
-    res["readout_scan_ms"] = ms(lambda: chunk_readout(x, kn, v, g, beta, z, o, False))
-    _, xq, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, z, C, steps, 0.0)
-    res["bwd_ms"] = ms(lambda: chunk_bwd(qn, kn, v, g, beta, lamb, z, z, xq, do, z, z, C, steps, 0.0))
+    res["readout_scan_ms"] = ms(lambda: chunk_readout(x, kn, v, g, beta, zkv, o, False))
+    _, xq, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, zkv, C, steps, 0.0)
+    res["bwd_ms"] = ms(lambda: chunk_bwd(qn, kn, v, g, beta, lamb, z, zkv, xq, do, z, zkv, C, steps, 0.0))
     u = torch.empty_like(x)
     dc = torch.empty(B, T, H, device="cuda")
     dl = torch.empty(B, triton.cdiv(T, C), H, K, device="cuda")
     dx = torch.empty_like(x)
-    res["bwd_rhs_scan_ms"] = ms(lambda: chunk_readout_adjoint(do, kn, v, g, beta, z, dx, False))
+    res["bwd_rhs_scan_ms"] = ms(lambda: chunk_readout_adjoint(do, kn, v, g, beta, zkv, dx, False))
     res["bwd_cg_ms"] = ms(lambda: launch_chunk_cg(dx, kn, g, beta, lamb, hs, xq, dc, u, dc, dl, C,
                                                   steps, 0.0, True))
     res["bwd_state_rev_ms"] = ms(lambda: chunk_state_pass(u, xq, g, beta, z, C, True, -1.0, False))

@@ -142,16 +142,15 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dh_kk = dh_kk.float().contiguous()
     dh_kv = dh_kv.float().contiguous()
 
-    hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16,
-                                 split_out=True)
+    hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16)
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
     u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)
     # u holds dx until the solve
     g_end = chunk_readout_adjoint(do, k, v, g32, b32, h_kv.float().contiguous(), u, split_fp16)
     launch_chunk_cg(u, k, g32, b32, lamb32, hs, x, dc, u, dc, dlamb_part, C, cg_steps, cg_tol, bwd=True)
-    dhe, dh_kk0 = chunk_state_pass(u, x, g32, b32, dh_kk, C, True, -1.0, split_fp16, split_out=True)
-    dge, dh_kv0 = chunk_state_pass(x, do, g32, b32, dh_kv, C, True, 1.0, split_fp16, split_out=True)
+    dhe, dh_kk0 = chunk_state_pass(u, x, g32, b32, dh_kk, C, True, -1.0, split_fp16)
+    dge, dh_kv0 = chunk_state_pass(x, do, g32, b32, dh_kv, C, True, 1.0, split_fp16)
 
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

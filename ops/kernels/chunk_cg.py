@@ -5,9 +5,9 @@ Per chunk of C rows (tokens) with chunk-start state H_c and within-chunk cumulat
   A(p)_t  = sum_s M[t, s] (k_s . p_t) k_s + e^{b_t} H_c p_t + lamb p_t    one CG matvec
   diag_t  = e^{b_t} diag(H_c) + sum_s M[t, s] k_s * k_s + lamb            Jacobi x0
 Forward (BWD=False): solve A x = q, write q* = x and steps (o: chunk_readout, chunk_output.py).
-Backward (BWD=True): solve A u = dx for the adjoint right-hand side dx (chunk_output.py), write u,
-  dc_t = -u_t . (H_t x_t) + x_t . dx_t   (the o.do term equals x.dx), and per-chunk
-  dlamb partials -sum_t u_t * x_t (reduced later on the host side: deterministic, no atomics).
+Backward (BWD=True): solve A u = dx for the adjoint right-hand side dx (chunk_readout_adjoint,
+  chunk_output.py), write u, dc_t = -u_t . (H_t x_t) + x_t . dx_t (the o.do term equals x.dx) and
+  per-chunk dlamb partials -sum_t u_t * x_t (reduced later on the host side: deterministic, no atomics).
 CG rows (tokens) stop individually: breakdown (p.w <= 0 or non-finite) keeps that row's x;
 cg_tol > 0 stops a row at ||r||^2 <= tol^2 ||r0||^2; a row with r == 0 stops. The loop exits
 once no row is active, and after cg_steps iterations at most.
@@ -225,7 +225,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     lamb = lamb.float().contiguous()
     split_fp16 = _use_fp16_split()
     hs, h_kk_out = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), chunk_size, False, 1.0,
-                                    split_fp16, split_out=True)
+                                    split_fp16)
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)

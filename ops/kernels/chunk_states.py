@@ -3,12 +3,13 @@
 One kernel serves both directions. A program owns a (BA x BB) tile of a per-(batch, head) state S
 and walks the chunks sequentially, storing S at every chunk boundary, then updating it:
   forward  (REVERSE=False): stores S at each chunk START, then S <- e^{b_L} S + (A * w)^T B,
-           w_s = e^{b_L - b_s} beta_s, with (A, B) = (k, k) for H and (k, v) for G.
+           w_s = e^{b_L - b_s} beta_s, with (A, B) = (k, k) for H (G is scanned by the read-out
+           kernels in chunk_output.py and never stored per chunk).
   reverse  (REVERSE=True):  stores S at each chunk END, then S <- e^{b_L} S + sign (A * w)^T B,
            w_t = e^{b_t}, with (A, B, sign) = (u, x, -1) for dH and (x, do, +1) for dG.
-b is the within-chunk cumulative log decay, b_L its value at the chunk's last row. States are fp32.
-SPLIT_OUT: the boundary states are stored as a (hi, lo) pair in the split dtype instead of fp32 (same
-bytes): the CG kernel feeds H_c to the tensor cores as loaded, which keeps it in shared memory.
+b is the within-chunk cumulative log decay, b_L its value at the chunk's last row. States are fp32;
+the boundary states are stored as a (hi, lo) pair in the split dtype (the bytes of fp32): the CG and
+gradient kernels feed them to the tensor cores as loaded, which keeps them in shared memory.
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ def _chunk_state_kernel(
     g_ptr,  # (B, T, H) fp32 log decay
     beta_ptr,  # (B, T, H) fp32
     s0_ptr,  # (B, H, DA, DB) fp32 state entering the pass
-    s_all_ptr,  # (B, NT, H, DA, DB) fp32 state at each chunk boundary; SPLIT_OUT: (B, NT, H, 2, DA, DB)
+    s_all_ptr,  # (B, NT, H, 2, DA, DB) state at each chunk boundary as (hi, lo) in the split dtype
     s_fin_ptr,  # (B, H, DA, DB) fp32 state leaving the pass
     T, H, DA, DB, NT, a_scale,
     C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr,
-    B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr, SPLIT_OUT: tl.constexpr,
+    B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
     pid_a = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -53,13 +54,10 @@ def _chunk_state_kernel(
             c = NT - 1 - i
         else:
             c = i
-        if SPLIT_OUT:
-            s_hi = split_hi(s, SPLIT_FP16)
-            base = ((bb * NT + c) * H + hh) * 2 * DA * DB
-            tl.store(s_all_ptr + base + tile, s_hi, mask=tmask)
-            tl.store(s_all_ptr + base + DA * DB + tile, split_lo(s, s_hi, SPLIT_FP16), mask=tmask)
-        else:
-            tl.store(s_all_ptr + ((bb * NT + c) * H + hh) * DA * DB + tile, s, mask=tmask)
+        s_hi = split_hi(s, SPLIT_FP16)
+        base = ((bb * NT + c) * H + hh) * 2 * DA * DB
+        tl.store(s_all_ptr + base + tile, s_hi, mask=tmask)
+        tl.store(s_all_ptr + base + DA * DB + tile, split_lo(s, s_hi, SPLIT_FP16), mask=tmask)
         t = c * C + rows  # (C,)
         tm = t < T
         tok = (bb * T + t) * H + hh  # (C,) token index
@@ -94,26 +92,21 @@ def chunk_state_pass(
     reverse: bool,
     a_scale: float,
     split_fp16: bool,
-    split_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one state pass; returns (states at every chunk boundary, final state (B, H, DA, DB) fp32).
-    The boundary states are (B, NT, H, DA, DB) fp32, or with split_out (B, NT, H, 2, DA, DB) (hi, lo)
-    in the split dtype."""
+    """Run one state pass; returns (states at every chunk boundary as (B, NT, H, 2, DA, DB) (hi, lo)
+    pairs in the split dtype, final state (B, H, DA, DB) fp32)."""
     B, T, H, DA = a.shape
     DB = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
-    if split_out:
-        s_all = torch.empty(B, NT, H, 2, DA, DB, device=a.device, dtype=split_dt)
-    else:
-        s_all = torch.empty(B, NT, H, DA, DB, device=a.device, dtype=torch.float32)
+    s_all = torch.empty(B, NT, H, 2, DA, DB, device=a.device, dtype=split_dt)
     s_fin = torch.empty(B, H, DA, DB, device=a.device, dtype=torch.float32)
     BA, BB = _block(DA, 64), _block(DB, 64)
     grid = (triton.cdiv(DA, BA), triton.cdiv(DB, BB), B * H)
     torch.library.wrap_triton(_chunk_state_kernel)[grid](
         a, b, g, beta, s0, s_all, s_fin, T, H, DA, DB, NT, a_scale,
         C=chunk_size, BA=BA, BB=BB, REVERSE=reverse,
-        B_EXACT=b.dtype == split_dt, SPLIT_FP16=split_fp16, SPLIT_OUT=split_out,
+        B_EXACT=b.dtype == split_dt, SPLIT_FP16=split_fp16,
         # NOTE: H100, B=8 T=2048 H=16 K=128, chunk 32: the forward H pass took 0.26 ms at 2 warps
         # against 0.36 ms at 4; the reverse passes 0.37 / 0.35 ms at 4 warps, no faster at 2
         # (benchmarks/NOTES-kernels.md, round 5)
