@@ -169,7 +169,7 @@ def test_gpu_bf16_accuracy_vs_exact(regime):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "K,V", [(16, 16), (48, 80), (96, 96), (128, 64), (64, 256)]
+    "K,V", [(16, 16), (48, 80), (96, 96), (128, 64), (64, 256), (80, 256)]
 )
 def test_gpu_sizes_match_reference(K, V):
     from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
