@@ -36,8 +36,8 @@ def _chunk_decay(g_ptr, beta_ptr, tok, tm, rows):
     beta = tl.load(beta_ptr + tok, mask=tm, other=0.0)
     bcum = tl.cumsum(g, 0)
     b_last = tl.sum(g, 0)
-    causal = rows[:, None] >= rows[None, :]
-    mdec = tl.where(causal, tl.exp(bcum[:, None] - bcum[None, :]), 0.0) * beta[None, :]
+    mdec = tl.where(rows[:, None] >= rows[None, :], tl.exp(bcum[:, None] - bcum[None, :]),
+                    0.0) * beta[None, :]
     w = tl.where(tm, tl.exp(b_last - bcum) * beta, 0.0)
     return bcum, mdec, w, tl.exp(b_last)
 
@@ -72,15 +72,15 @@ def _readout_scan_kernel(
         t = c * C + rows
         tm = t < T
         tok = (bb * T + t) * H + hh
-        ck = tm[:, None] & km[None, :]
-        cv = tm[:, None] & vm[None, :]
         bcum, mdec, w, e_last = _chunk_decay(g_ptr, beta_ptr, tok, tm, rows)
-        x = tl.load(x_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
+        x = tl.load(x_ptr + tok[:, None] * K + ik[None, :], mask=tm[:, None] & km[None, :],
+                    other=0.0)  # (C, BK)
         x_hi, x_lo = split_pair(x, False, SPLIT_FP16)
         kt = tl.load(k_ptr + tok[None, :] * K + ik[:, None], mask=km[:, None] & tm[None, :],
                      other=0.0)  # (BK, C)
         kt_hi, kt_lo = split_pair(kt, K_EXACT, SPLIT_FP16)
-        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
+        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :],
+                     other=0.0)  # (C, BV)
         v_hi, v_lo = split_pair(vv, V_EXACT, SPLIT_FP16)
 
         s = mm_pre(x_hi, x_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
@@ -88,7 +88,8 @@ def _readout_scan_kernel(
         st_hi, st_lo = split_pair(state, False, SPLIT_FP16)
         o = mm_pre(x_hi, x_lo, st_hi, st_lo, False, False) * tl.exp(bcum)[:, None]
         o = mm_pre(s_hi, s_lo, v_hi, v_lo, False, V_EXACT, o)  # (C, BV)
-        tl.store(o_ptr + tok[:, None] * V + iv[None, :], o.to(o_ptr.dtype.element_ty), mask=cv)
+        tl.store(o_ptr + tok[:, None] * V + iv[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=tm[:, None] & vm[None, :])
 
         kw = kt.to(tl.float32) * w[None, :]  # (BK, C) (K * w)^T
         state = e_last * state + mm(kw, vv.to(tl.float32), False, V_EXACT, SPLIT_FP16)
@@ -125,19 +126,20 @@ def _readout_adjoint_scan_kernel(
         t = c * C + rows
         tm = t < T
         tok = (bb * T + t) * H + hh
-        ck = tm[:, None] & km[None, :]
-        cv = tm[:, None] & vm[None, :]
         bcum, mdec, w, e_last = _chunk_decay(g_ptr, beta_ptr, tok, tm, rows)
-        dov = tl.load(do_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
-        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=cv, other=0.0)  # (C, BV)
-        kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=ck, other=0.0)  # (C, BK)
+        dov = tl.load(do_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :],
+                      other=0.0)  # (C, BV)
+        vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :],
+                     other=0.0)  # (C, BV)
+        kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=tm[:, None] & km[None, :],
+                     other=0.0)  # (C, BK)
         k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
 
         s = mm(dov.to(tl.float32), tl.trans(vv.to(tl.float32)), V_EXACT, V_EXACT, SPLIT_FP16) * mdec  # (C, C)
         s_hi, s_lo = split_pair(s, False, SPLIT_FP16)
         dog = mm(dov.to(tl.float32), tl.trans(state), V_EXACT, False, SPLIT_FP16)  # (C, BK) dO G_c^T
         dx = mm_pre(s_hi, s_lo, k_hi, k_lo, False, K_EXACT, dog * tl.exp(bcum)[:, None])
-        tl.store(dx_ptr + tok[:, None] * K + ik[None, :], dx, mask=ck)
+        tl.store(dx_ptr + tok[:, None] * K + ik[None, :], dx, mask=tm[:, None] & km[None, :])
 
         kw = tl.trans(kk.to(tl.float32) * w[:, None])  # (BK, C)
         state = e_last * state + mm(kw, vv.to(tl.float32), False, V_EXACT, SPLIT_FP16)
