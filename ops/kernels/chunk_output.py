@@ -91,8 +91,8 @@ def _readout_scan_kernel(
         tl.store(o_ptr + tok[:, None] * V + iv[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=tm[:, None] & vm[None, :])
 
-        kw = kt.to(tl.float32) * w[None, :]  # (BK, C) (K * w)^T
-        state = e_last * state + mm(kw, vv.to(tl.float32), False, V_EXACT, SPLIT_FP16)
+        kw_hi, kw_lo = split_pair(kt.to(tl.float32) * w[None, :], False, SPLIT_FP16)  # (BK, C) (K * w)^T
+        state = e_last * state + mm_pre(kw_hi, kw_lo, v_hi, v_lo, False, V_EXACT)
     tl.store(sfin_ptr + tile, state, mask=kv_mask)
 
 
