@@ -6,7 +6,8 @@ the same pre-normalised q, k (use_qk_l2norm_in_kernel=False: kernels against ker
 in-kernel L2-norm on raw q, k (as fla users call it); our op's L2-norm is an aten step, timed apart.
 Also: forward with early exit (cg_tol = 1e-4, at most 30 steps) and its mean CG steps, a breakdown
 of our forward and backward into kernels, and accuracy against the exact solve.
-Usage: python benchmarks/bench_ops.py [--out DIR] [--quick]
+Usage: python benchmarks/bench_ops.py [--out DIR] [--quick | --shape B,T,H,D ...]
+The breakdown is timed on the first shape.
 """
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    ap.add_argument("--quick", action="store_true", help="one shape only")
+    ap.add_argument("--quick", action="store_true", help="the first shape only")
+    ap.add_argument("--shape", action="append", default=[], metavar="B,T,H,D",
+                    help="time this shape (repeatable) instead of the default list")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,8 +97,11 @@ def main():
     rows, acc, parts = [], [], {}
     # the last shape: few (batch, head) pairs and a long sequence, where the read-out scans have the least
     # parallelism (2 programs per pair)
-    shapes = [(8, 2048, 16, 128)] if a.quick else [(8, 2048, 16, 128), (4, 4096, 16, 128), (8, 2048, 16, 64),
-                                                   (1, 8192, 4, 128)]
+    shapes = [(8, 2048, 16, 128), (4, 4096, 16, 128), (8, 2048, 16, 64), (1, 8192, 4, 128)]
+    if a.shape:
+        shapes = [tuple(int(n) for n in s.split(",")) for s in a.shape]
+    elif a.quick:
+        shapes = shapes[:1]
     for B, T, H, D in shapes:
         torch.manual_seed(0)
         q, k, v, g, beta, lamb = make(B, T, H, D)

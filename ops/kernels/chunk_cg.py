@@ -27,8 +27,8 @@ Products with p~ are exact in one pass, so a step costs K P~ (1 pass), K^T S (2:
 (2: H_c split) instead of 7 split passes. fp64 simulation (bf16 directions, cond 369, B=1 T=384 H=4
 K=128, rel. error of o vs the exact solve): 10 steps 5.7e-5 (unrounded CG 2.3e-7), 30 steps 1.8e-12
 (4.8e-15). alpha = r.r / p~.A p~ instead diverged in the interpreter, whose fp16 directions underflow
-once r is tiny. Products that must be accurate for a general fp32 x (the residual of x0, H_t x_t in
-the backward, the read-out) use A(x) = A(x_hi) + A(x_lo) or 3-pass splits.
+once r is tiny. The Jacobi x0 is rounded to the split dtype too (one matvec for its residual; zero
+steps keep it unrounded, with the residual A(x_hi) + A(x_lo)); the read-out uses 3-pass splits.
 """
 from __future__ import annotations
 
@@ -69,16 +69,6 @@ def _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
     st_hi = split_hi(st, SPLIT_FP16)
     w = mm_pre(kt_hi, kt_lo, st_hi, split_lo(st, st_hi, SPLIT_FP16), K_EXACT, False, w * eb[None, :])
     return w + lamb[:, None] * pt.to(tl.float32)
-
-
-@triton.jit
-def _matvec_accurate(xt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
-                     K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
-    """A(X)^T for an fp32 X^T (BK, C): A is linear, so A(x) = A(x_hi) + A(x_lo)."""
-    x_hi = split_hi(xt, SPLIT_FP16)
-    w = _matvec(x_hi, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
-    return w + _matvec(split_lo(xt, x_hi, SPLIT_FP16), k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo,
-                       lamb, K_EXACT, SPLIT_FP16)
 
 
 @triton.jit
@@ -130,9 +120,17 @@ def _chunk_cg_kernel(
 
     rhs = tl.load(rhs_ptr + tok[None, :] * K + ik[:, None], mask=kc, other=0.0).to(tl.float32)  # (BK, C)
 
-    # CG from the Jacobi guess
+    # CG from the Jacobi guess rounded to the split dtype: its residual then costs one matvec instead of
+    # two (the products with a split-dtype tile are exact), and CG corrects the rounding like any error
+    # of x0. Zero steps keep the unrounded guess, as the reference and the decode kernel do.
     x = rhs / diag
-    r = rhs - _matvec_accurate(x, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+    x_hi = split_hi(x, SPLIT_FP16)
+    r = rhs - _matvec(x_hi, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+    if cg_steps > 0:
+        x = x_hi.to(tl.float32)
+    else:
+        r = r - _matvec(split_lo(x, x_hi, SPLIT_FP16), k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
+                        K_EXACT, SPLIT_FP16)
     pt = split_hi(r, SPLIT_FP16)
     d = tl.sum(r * r, 0)  # (C,)
     rp = tl.sum(r * pt.to(tl.float32), 0)
