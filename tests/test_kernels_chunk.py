@@ -76,7 +76,33 @@ def _run_cases(path: str) -> None:
             res["grads_in"] = (do, *dh)
             res["bwd"] = chunk_bwd(*args, fwd[1], do, *dh, C, steps, tol)
         results[name] = res
+    results["readout_paths"] = _readout_paths("cpu")
     torch.save(results, path)
+
+
+def _readout_paths(device: str) -> dict:
+    """Read-out o and adjoint dx with their final G, by the scan and from a G state pass (both paths of
+    chunk_output.py), on inputs where the adjoint splits K into two blocks."""
+    from mesa_compile.ops.kernels.chunk_cg import _use_fp16_split
+    from mesa_compile.ops.kernels.chunk_output import chunk_readout, chunk_readout_adjoint
+
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    B, T, H, K, V = (1, 75, 2, 48, 160) if device == "cpu" else (2, 700, 3, 128, 96)
+    q, k, v, g, beta, _, _, h_kv = make_inputs(B, T, H, K, V, dtype, device)
+    x, do = torch.randn(B, T, H, K, device=device), torch.randn(B, T, H, V, device=device).to(dtype)
+    out = {}
+    for scan in (True, False):
+        o, dx = torch.empty_like(v), torch.empty_like(x)
+        g_o = chunk_readout(x, k, v, g, beta, h_kv, o, _use_fp16_split(), scan=scan)
+        g_dx = chunk_readout_adjoint(do, k, v, g, beta, h_kv, dx, _use_fp16_split(), scan=scan)
+        out[scan] = (o, g_o, dx, g_dx)
+    return out
+
+
+def _check_readout_paths(res: dict) -> None:
+    """Same products in the same order: equal up to the fp32 summation order of the dots (1e-6)."""
+    for name, a, b in zip(("o", "G (read-out)", "dx", "G (adjoint)"), res[True], res[False]):
+        assert torch.isfinite(a).all() and rel(a, b) <= 1e-6, (name, rel(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +149,10 @@ def test_interp_bwd_matches_reference(interp_results, case):
     for name, got, exp in zip(BWD_NAMES, res["bwd"], want):
         assert torch.isfinite(got).all(), name
         assert rel(got, exp) <= _tol(dtype, name), (name, rel(got, exp))
+
+
+def test_interp_readout_scan_matches_state_pass_path(interp_results):
+    _check_readout_paths(interp_results["readout_paths"])
 
 
 def test_interp_converged_matches_exact(interp_results):
@@ -224,6 +254,11 @@ def test_large_keys_route_to_aten(monkeypatch):
     assert library._pick("decode_step", large) is kernels.decode_step
     with pytest.raises(ValueError, match="K <= 128"):
         kernels.chunk_fwd(*make_inputs(1, 4, 1, 144, 16, torch.float32), 16, 2, 0.0)
+
+
+@pytest.mark.gpu
+def test_gpu_readout_scan_matches_state_pass_path():
+    _check_readout_paths(_readout_paths("cuda"))
 
 
 @pytest.mark.gpu

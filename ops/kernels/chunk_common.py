@@ -13,8 +13,18 @@ fp16 as the split dtype (SPLIT_FP16=True), which exercises the same code path.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def fills_device(programs: int, device: torch.device, per_sm: float) -> bool:
+    """Whether a launch of this many programs gives the streaming multiprocessors of a CUDA device at
+    least per_sm programs each; the kernels whose programs walk all chunks of a sequence pick their
+    split by it. Off CUDA (the interpreter) it is True."""
+    if device.type != "cuda":
+        return True
+    return programs >= per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit

@@ -1,19 +1,23 @@
-"""Chunkwise MesaNet read-out o_t = G_t^T q*_t and its adjoint, each fused with the G state scan.
+"""Chunkwise MesaNet read-out o_t = G_t^T q*_t and its adjoint, by a G state scan or from stored G_c.
 
 Per chunk of C rows with within-chunk cumulative log decay b, M[t, s] = 1[t >= s] e^{b_t - b_s} beta_s
 and the chunk-start state G_c:
   read-out  o  = ((X K^T) * M) V + e^b * (X G_c)
   adjoint   dX = ((dO V^T) * M) K + e^b * (dO G_c^T)   (the right-hand side of the adjoint CG solve)
   state     G_{c+1} = e^{b_L} G_c + (K * w)^T V,  w_s = e^{b_L - b_s} beta_s
-A program owns one block of G (read-out: all K rows x a block of V columns; adjoint: a block of K rows
-x all V columns, so that each contraction is whole inside it), keeps it in fp32 registers and walks
-the chunks in order, writing o (dX) chunk by chunk and the final G at the end.
-NOTE: G_c is never written to memory. Before, a state pass wrote every chunk-start G_c (fp32, 0.5 GB
-at B=8 T=2048 H=16 K=V=128, chunk 32) and the read-out read it back. Same run on an H100: state pass
-+ read-out 0.87 ms against 0.49 ms for the scan; state pass + adjoint 1.00 ms against 0.33 ms
-(benchmarks/NOTES-kernels.md, round 5). Products are split like every product of the chunk kernels
-(chunk_common.py); the state update is the state pass's (chunk_states.py), term for term: on the
-GPU, o and the final G were bit-identical to the two-kernel path's, dX within 5e-8.
+Two ways to get G_c, one kernel each for the read-out and the adjoint (constexpr SCAN):
+- scan: a program owns one block of G (read-out: all K rows x a block of V columns; adjoint: a block
+  of K rows x all V columns, so that each contraction is whole inside it), keeps it in fp32 registers
+  and walks the chunks in order, writing o (dX) chunk by chunk and the final G at the end. G_c never
+  goes to memory.
+- from states: a G state pass (chunk_states.py) writes every G_c as a (hi, lo) pair, then one program
+  per (block, chunk) runs the same per-chunk products.
+NOTE: the scan has only 2 programs per (batch, head) at K = V = 128, each walking all T / 32 chunks.
+H200, ms, scan / from states: B=8 T=2048 H=16 read-out 0.55 / 0.66, adjoint 0.35 / 0.54; B=1 T=8192
+H=4 read-out 1.64 / 0.42, adjoint 1.08 / 0.41; the two meet near 2 x 32 programs per 132 SMs
+(benchmarks/NOTES-kernels.md, round 6). The state pass's update is the scan's, term for term: o and
+the final G come out bit-identical by both ways, dX equal up to the fp32 order of the dots.
+Products are split like every product of the chunk kernels (chunk_common.py).
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import mm, mm_pre, split_pair
+from .chunk_common import fills_device, mm, mm_pre, split_pair
+from .chunk_states import chunk_state_pass
 
 # Chunk length of the scans, independent of the CG's chunks. NOTE: at 64 (V blocks of 32, 4 warps,
 # 1 stage) the forward scan raised an illegal address on an H100 with triton 3.6; 32 runs.
@@ -43,17 +48,48 @@ def _chunk_decay(g_ptr, beta_ptr, tok, tm, rows):
 
 
 @triton.jit
-def _readout_scan_kernel(
+def _readout_chunk(x_hi, x_lo, kt_hi, kt_lo, v_hi, v_lo, mdec, bcum, g_a, g_b,
+                   G_SPLIT: tl.constexpr, K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """o (C, BV) fp32 of one chunk: ((X K^T) * M) V + e^b * (X G_c), from split tiles; G_c given as its
+    (hi, lo) pair (g_a, g_b) when G_SPLIT, else as fp32 g_a."""
+    s = mm_pre(x_hi, x_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
+    s_hi, s_lo = split_pair(s, False, SPLIT_FP16)
+    if G_SPLIT:
+        st_hi = g_a
+        st_lo = g_b
+    else:
+        st_hi, st_lo = split_pair(g_a, False, SPLIT_FP16)
+    o = mm_pre(x_hi, x_lo, st_hi, st_lo, False, False) * tl.exp(bcum)[:, None]
+    return mm_pre(s_hi, s_lo, v_hi, v_lo, False, V_EXACT, o)
+
+
+@triton.jit
+def _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum, g_a, g_b,
+                   G_SPLIT: tl.constexpr, K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """dX (C, BK) fp32 of one chunk: ((dO V^T) * M) K + e^b * (dO G_c^T); G_c^T given as its (hi, lo)
+    pair (g_a, g_b) when G_SPLIT, else G_c as fp32 g_a."""
+    s = mm(dov.to(tl.float32), tl.trans(vv.to(tl.float32)), V_EXACT, V_EXACT, SPLIT_FP16) * mdec  # (C, C)
+    s_hi, s_lo = split_pair(s, False, SPLIT_FP16)
+    if G_SPLIT:
+        do_hi, do_lo = split_pair(dov, V_EXACT, SPLIT_FP16)
+        dog = mm_pre(do_hi, do_lo, g_a, g_b, V_EXACT, False)  # (C, BK) dO G_c^T
+    else:
+        dog = mm(dov.to(tl.float32), tl.trans(g_a), V_EXACT, False, SPLIT_FP16)
+    return mm_pre(s_hi, s_lo, k_hi, k_lo, False, K_EXACT, dog * tl.exp(bcum)[:, None])
+
+
+@triton.jit
+def _readout_kernel(
     x_ptr,  # (B, T, H, K) fp32 q*
     k_ptr,  # (B, T, H, K)
     v_ptr,  # (B, T, H, V)
     g_ptr,  # (B, T, H) fp32
     beta_ptr,  # (B, T, H) fp32
-    s0_ptr,  # (B, H, K, V) fp32 initial G
+    s_ptr,  # SCAN: (B, H, K, V) fp32 initial G; else (B, NT, H, 2, K, V) chunk-start G as (hi, lo)
     o_ptr,  # (B, T, H, V) out
-    sfin_ptr,  # (B, H, K, V) fp32 out: final G
+    sfin_ptr,  # (B, H, K, V) fp32 out (SCAN): final G
     T, H, K, V,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCAN: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
     pid_v = tl.program_id(0)
@@ -67,8 +103,14 @@ def _readout_scan_kernel(
     vm = iv < V
     tile = (bb * H + hh) * K * V + ik[:, None] * V + iv[None, :]
     kv_mask = km[:, None] & vm[None, :]
-    state = tl.load(s0_ptr + tile, mask=kv_mask, other=0.0)  # (BK, BV) G_c
-    for c in range(tl.cdiv(T, C)):
+    if SCAN:
+        state = tl.load(s_ptr + tile, mask=kv_mask, other=0.0)  # (BK, BV) G_c
+        c_first = 0
+        c_end = tl.cdiv(T, C)
+    else:
+        c_first = tl.program_id(2)
+        c_end = c_first + 1
+    for c in range(c_first, c_end):
         t = c * C + rows
         tm = t < T
         tok = (bb * T + t) * H + hh
@@ -82,32 +124,36 @@ def _readout_scan_kernel(
         vv = tl.load(v_ptr + tok[:, None] * V + iv[None, :], mask=tm[:, None] & vm[None, :],
                      other=0.0)  # (C, BV)
         v_hi, v_lo = split_pair(vv, V_EXACT, SPLIT_FP16)
-
-        s = mm_pre(x_hi, x_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
-        s_hi, s_lo = split_pair(s, False, SPLIT_FP16)
-        st_hi, st_lo = split_pair(state, False, SPLIT_FP16)
-        o = mm_pre(x_hi, x_lo, st_hi, st_lo, False, False) * tl.exp(bcum)[:, None]
-        o = mm_pre(s_hi, s_lo, v_hi, v_lo, False, V_EXACT, o)  # (C, BV)
+        if SCAN:
+            o = _readout_chunk(x_hi, x_lo, kt_hi, kt_lo, v_hi, v_lo, mdec, bcum, state, state, False,
+                               K_EXACT, V_EXACT, SPLIT_FP16)  # (C, BV)
+        else:
+            pair = ((bb * tl.cdiv(T, C) + c) * H + hh) * 2 * K * V + ik[:, None] * V + iv[None, :]
+            o = _readout_chunk(x_hi, x_lo, kt_hi, kt_lo, v_hi, v_lo, mdec, bcum,
+                               tl.load(s_ptr + pair, mask=kv_mask, other=0.0),
+                               tl.load(s_ptr + pair + K * V, mask=kv_mask, other=0.0), True,
+                               K_EXACT, V_EXACT, SPLIT_FP16)
         tl.store(o_ptr + tok[:, None] * V + iv[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=tm[:, None] & vm[None, :])
-
-        kw_hi, kw_lo = split_pair(kt.to(tl.float32) * w[None, :], False, SPLIT_FP16)  # (BK, C) (K * w)^T
-        state = e_last * state + mm_pre(kw_hi, kw_lo, v_hi, v_lo, False, V_EXACT)
-    tl.store(sfin_ptr + tile, state, mask=kv_mask)
+        if SCAN:
+            kw_hi, kw_lo = split_pair(kt.to(tl.float32) * w[None, :], False, SPLIT_FP16)  # (BK, C) (K * w)^T
+            state = e_last * state + mm_pre(kw_hi, kw_lo, v_hi, v_lo, False, V_EXACT)
+    if SCAN:
+        tl.store(sfin_ptr + tile, state, mask=kv_mask)
 
 
 @triton.jit
-def _readout_adjoint_scan_kernel(
+def _readout_adjoint_kernel(
     do_ptr,  # (B, T, H, V) in v's dtype
     k_ptr,  # (B, T, H, K)
     v_ptr,  # (B, T, H, V)
     g_ptr,  # (B, T, H) fp32
     beta_ptr,  # (B, T, H) fp32
-    s0_ptr,  # (B, H, K, V) fp32 initial G
+    s_ptr,  # SCAN: (B, H, K, V) fp32 initial G; else (B, NT, H, 2, K, V) chunk-start G as (hi, lo)
     dx_ptr,  # (B, T, H, K) fp32 out
-    sfin_ptr,  # (B, H, K, V) fp32 out: final G
+    sfin_ptr,  # (B, H, K, V) fp32 out (SCAN): final G
     T, H, K, V,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SCAN: tl.constexpr,
     K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
@@ -121,8 +167,14 @@ def _readout_adjoint_scan_kernel(
     vm = iv < V
     tile = (bb * H + hh) * K * V + ik[:, None] * V + iv[None, :]
     kv_mask = km[:, None] & vm[None, :]
-    state = tl.load(s0_ptr + tile, mask=kv_mask, other=0.0)  # (BK, BV) rows ik of G_c
-    for c in range(tl.cdiv(T, C)):
+    if SCAN:
+        state = tl.load(s_ptr + tile, mask=kv_mask, other=0.0)  # (BK, BV) rows ik of G_c
+        c_first = 0
+        c_end = tl.cdiv(T, C)
+    else:
+        c_first = tl.program_id(2)
+        c_end = c_first + 1
+    for c in range(c_first, c_end):
         t = c * C + rows
         tm = t < T
         tok = (bb * T + t) * H + hh
@@ -134,59 +186,76 @@ def _readout_adjoint_scan_kernel(
         kk = tl.load(k_ptr + tok[:, None] * K + ik[None, :], mask=tm[:, None] & km[None, :],
                      other=0.0)  # (C, BK)
         k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
-
-        s = mm(dov.to(tl.float32), tl.trans(vv.to(tl.float32)), V_EXACT, V_EXACT, SPLIT_FP16) * mdec  # (C, C)
-        s_hi, s_lo = split_pair(s, False, SPLIT_FP16)
-        dog = mm(dov.to(tl.float32), tl.trans(state), V_EXACT, False, SPLIT_FP16)  # (C, BK) dO G_c^T
-        dx = mm_pre(s_hi, s_lo, k_hi, k_lo, False, K_EXACT, dog * tl.exp(bcum)[:, None])
+        if SCAN:
+            dx = _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum, state, state, False, K_EXACT, V_EXACT, SPLIT_FP16)
+        else:
+            # G_c^T (BV, BK)
+            pair = ((bb * tl.cdiv(T, C) + c) * H + hh) * 2 * K * V + ik[None, :] * V + iv[:, None]
+            vk_mask = vm[:, None] & km[None, :]
+            dx = _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum, tl.load(s_ptr + pair, mask=vk_mask, other=0.0),
+                                tl.load(s_ptr + pair + K * V, mask=vk_mask, other=0.0), True,
+                                K_EXACT, V_EXACT, SPLIT_FP16)
         tl.store(dx_ptr + tok[:, None] * K + ik[None, :], dx, mask=tm[:, None] & km[None, :])
-
-        kw = tl.trans(kk.to(tl.float32) * w[:, None])  # (BK, C)
-        state = e_last * state + mm(kw, vv.to(tl.float32), False, V_EXACT, SPLIT_FP16)
-    tl.store(sfin_ptr + tile, state, mask=kv_mask)
+        if SCAN:
+            kw = tl.trans(kk.to(tl.float32) * w[:, None])  # (BK, C)
+            state = e_last * state + mm(kw, vv.to(tl.float32), False, V_EXACT, SPLIT_FP16)
+    if SCAN:
+        tl.store(sfin_ptr + tile, state, mask=kv_mask)
 
 
 def _blocks(K: int, V: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
 
 
-def chunk_readout(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                  h_kv: torch.Tensor, o: torch.Tensor, split_fp16: bool) -> torch.Tensor:
-    """Write o (B, T, H, V) from q* x (B, T, H, K) fp32, scanning G from h_kv (B, H, K, V) fp32; returns
-    the final G (B, H, K, V) fp32. k, v contiguous; g, beta (B, T, H) fp32 contiguous."""
+def _launch(kernel, ins, h_kv: torch.Tensor, out: torch.Tensor, blocks: int, scan: bool | None,
+            C: int, BK: int, BV: int, split_fp16: bool) -> torch.Tensor:
+    """Run a read-out kernel as a scan (scan=True) or from the chunk-start states of a G state pass
+    (scan=False); None picks the scan when its programs (blocks per (batch, head)) give every other
+    streaming multiprocessor one (module NOTE)."""
+    k, v, g, beta = ins[1:5]
     B, T, H, K = k.shape
     V = v.shape[-1]
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
-    BK, BVF = _blocks(K, V)
-    # NOTE: H100, B=8 T=2048 H=16 K=V=128: V blocks of 64 / 4 warps / 1 stage 0.48 ms; 64/4/2 0.57,
-    # 64/8/2 0.67, 32/4/2 0.70 (benchmarks/NOTES-kernels.md, round 5)
-    BV = min(64, BVF)
-    s_fin = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    torch.library.wrap_triton(_readout_scan_kernel)[(triton.cdiv(V, BV), B * H)](
-        x, k, v, g, beta, h_kv, o, s_fin, T, H, K, V,
-        C=READOUT_CHUNK, BK=BK, BV=BV, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
+    if scan is None:
+        scan = fills_device(blocks * B * H, k.device, 0.5)
+    if scan:
+        states = h_kv
+        s_fin = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
+        grid = (blocks, B * H)
+    else:
+        states, s_fin = chunk_state_pass(k, v, g, beta, h_kv, C, False, 1.0, split_fp16)
+        grid = (blocks, B * H, triton.cdiv(T, C))
+    torch.library.wrap_triton(kernel)[grid](
+        *ins, states, out, s_fin, T, H, K, V,
+        C=C, BK=BK, BV=BV, SCAN=scan, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
         SPLIT_FP16=split_fp16, num_warps=4, num_stages=1,
     )
     return s_fin
+
+
+def chunk_readout(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                  h_kv: torch.Tensor, o: torch.Tensor, split_fp16: bool, scan: bool | None = None
+                  ) -> torch.Tensor:
+    """Write o (B, T, H, V) from q* x (B, T, H, K) fp32 and the initial G h_kv (B, H, K, V) fp32; returns
+    the final G (B, H, K, V) fp32. k, v contiguous; g, beta (B, T, H) fp32 contiguous. scan: True
+    scans G, False reads G_c from a state pass, None picks by the number of programs (module NOTE)."""
+    BK, BVF = _blocks(k.shape[-1], v.shape[-1])
+    # NOTE: H100, B=8 T=2048 H=16 K=V=128 (scan): V blocks of 64 / 4 warps / 1 stage 0.48 ms; 64/4/2
+    # 0.57, 64/8/2 0.67, 32/4/2 0.70 (benchmarks/NOTES-kernels.md, round 5)
+    BV = min(64, BVF)
+    return _launch(_readout_kernel, (x, k, v, g, beta), h_kv, o, triton.cdiv(v.shape[-1], BV), scan,
+                   READOUT_CHUNK, BK, BV, split_fp16)
 
 
 def chunk_readout_adjoint(do: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                          beta: torch.Tensor, h_kv: torch.Tensor, dx: torch.Tensor,
-                          split_fp16: bool) -> torch.Tensor:
+                          beta: torch.Tensor, h_kv: torch.Tensor, dx: torch.Tensor, split_fp16: bool,
+                          scan: bool | None = None) -> torch.Tensor:
     """Write dx (B, T, H, K) fp32, the adjoint of the read-out applied to do (B, T, H, V) (in v's
-    dtype), scanning G from h_kv; returns the final G. Other arguments as for chunk_readout."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    split_dt = torch.float16 if split_fp16 else torch.bfloat16
-    BKF, BV = _blocks(K, V)
+    dtype), from the initial G h_kv; returns the final G. Other arguments as for chunk_readout."""
+    BKF, BV = _blocks(k.shape[-1], v.shape[-1])
     # a block of K rows x all V columns of G stays within 64 fp32 registers per thread at 4 warps.
-    # NOTE: H100, K=V=128: K blocks of 64 / 4 warps 0.33 ms (1 or 2 stages), 64 / 8 / 2 0.48,
+    # NOTE: H100, K=V=128 (scan): K blocks of 64 / 4 warps 0.33 ms (1 or 2 stages), 64 / 8 / 2 0.48,
     # 32 / 4 / 2 0.40 (benchmarks/NOTES-kernels.md, round 5)
     BK = max(16, min(BKF, 8192 // BV))
-    s_fin = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
-    torch.library.wrap_triton(_readout_adjoint_scan_kernel)[(triton.cdiv(K, BK), B * H)](
-        do, k, v, g, beta, h_kv, dx, s_fin, T, H, K, V,
-        C=READOUT_CHUNK, BK=BK, BV=BV, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
-        SPLIT_FP16=split_fp16, num_warps=4, num_stages=1,
-    )
-    return s_fin
+    return _launch(_readout_adjoint_kernel, (do, k, v, g, beta), h_kv, dx, triton.cdiv(k.shape[-1], BK), scan,
+                   READOUT_CHUNK, BK, BV, split_fp16)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import mm, split_hi, split_lo
+from .chunk_common import fills_device, mm, split_hi, split_lo
 
 
 @triton.jit
@@ -101,7 +101,11 @@ def chunk_state_pass(
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     s_all = torch.empty(B, NT, H, 2, DA, DB, device=a.device, dtype=split_dt)
     s_fin = torch.empty(B, H, DA, DB, device=a.device, dtype=torch.float32)
-    BA, BB = _block(DA, 64), _block(DB, 64)
+    # 64 x 64 tiles, or 32 x 32 where there would be too few programs (each walks all chunks). NOTE:
+    # H200, K = 128, forward pass, ms for 64- / 32-tiles: B=8 H=16 T=2048 0.24 / 0.29 (512 / 2048
+    # programs on 132 SMs); B=1 H=4 T=8192 0.52 / 0.35 (benchmarks/NOTES-kernels.md, round 6)
+    cap = 64 if fills_device(triton.cdiv(DA, 64) * triton.cdiv(DB, 64) * B * H, a.device, 3.0) else 32
+    BA, BB = _block(DA, cap), _block(DB, cap)
     grid = (triton.cdiv(DA, BA), triton.cdiv(DB, BB), B * H)
     torch.library.wrap_triton(_chunk_state_kernel)[grid](
         a, b, g, beta, s0, s_all, s_fin, T, H, DA, DB, NT, a_scale,
