@@ -4,6 +4,7 @@ Writes <out>/bench_ops.json and <out>/bench_ops.md (one process, card name, torc
 Ours: mesa_compile.ops.kernels.chunk_fwd / chunk_bwd on pre-normalised q, k. fla: chunk_mesa_net on
 the same pre-normalised q, k (use_qk_l2norm_in_kernel=False: kernels against kernels), and with its
 in-kernel L2-norm on raw q, k (as fla users call it); our op's L2-norm is an aten step, timed apart.
+Our kernels are called as the mesa:: ops call them in eager (no HOP dispatch per launch).
 Also: forward with early exit (cg_tol = 1e-4, at most 30 steps) and its mean CG steps, a breakdown
 of our forward and backward into kernels, and accuracy against the exact solve.
 Usage: python benchmarks/bench_ops.py [--out DIR] [--quick | --shape B,T,H,D ...]
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from torch._library.triton import set_wrap_triton_enabled  # what torch.library.triton_op does in eager
 from triton.testing import do_bench
 
 from mesa_compile.ops import reference as ref
@@ -72,6 +74,10 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     res["bwd_cg_ms"] = ms(lambda: launch_chunk_cg(dx, kn, g, beta, lamb, hs, xq, dc, u, dc, dl, C,
                                                   steps, 0.0, True))
     res["bwd_state_rev_ms"] = ms(lambda: chunk_state_pass(u, xq, g, beta, z, C, True, -1.0, False))
+    # the launchers called outside the ops, every launch through the HOP dispatch (how this script
+    # timed before round 6 of benchmarks/NOTES-kernels.md)
+    with set_wrap_triton_enabled(True):
+        res["fwd_hop_dispatch_ms"] = ms(lambda: chunk_fwd(qn, kn, v, g, beta, lamb, z, zkv, C, steps, 0.0))
     return res
 
 
@@ -82,6 +88,13 @@ def main():
     ap.add_argument("--shape", action="append", default=[], metavar="B,T,H,D",
                     help="time this shape (repeatable) instead of the default list")
     a = ap.parse_args()
+    # Our kernels launch as the mesa:: ops launch them in eager (torch.library.triton_op turns the
+    # wrap_triton HOP dispatch off for real tensors); through the HOP every launch costs host time.
+    with set_wrap_triton_enabled(False):
+        run(a)
+
+
+def run(a):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

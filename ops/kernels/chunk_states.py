@@ -101,10 +101,12 @@ def chunk_state_pass(
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     s_all = torch.empty(B, NT, H, 2, DA, DB, device=a.device, dtype=split_dt)
     s_fin = torch.empty(B, H, DA, DB, device=a.device, dtype=torch.float32)
-    # 64 x 64 tiles, or 32 x 32 where there would be too few programs (each walks all chunks). NOTE:
-    # H200, K = 128, forward pass, ms for 64- / 32-tiles: B=8 H=16 T=2048 0.24 / 0.29 (512 / 2048
-    # programs on 132 SMs); B=1 H=4 T=8192 0.52 / 0.35 (benchmarks/NOTES-kernels.md, round 6)
-    cap = 64 if fills_device(triton.cdiv(DA, 64) * triton.cdiv(DB, 64) * B * H, a.device, 3.0) else 32
+    # 64 x 64 tiles, or 32 x 32 where there would be too few programs (each walks all chunks); a 4-warp
+    # reverse program needs fewer of them. NOTE: H200, K = V = 128, T = 4096 (2048 at B x H = 128), ms for
+    # 64- / 32-tiles, B x H = 4, 32, 64, 96, 128: forward 0.52/0.35, 0.28/0.22, 0.33/0.29, 0.40/0.49,
+    # 0.24/0.29; reverse 0.43/0.33, 0.24/0.23, 0.30/0.46, 0.37/0.67, 0.31/0.46 (NOTES-kernels.md, round 6)
+    per_sm = 1.0 if reverse else 2.5
+    cap = 64 if fills_device(triton.cdiv(DA, 64) * triton.cdiv(DB, 64) * B * H, a.device, per_sm) else 32
     BA, BB = _block(DA, cap), _block(DB, cap)
     grid = (triton.cdiv(DA, BA), triton.cdiv(DB, BB), B * H)
     torch.library.wrap_triton(_chunk_state_kernel)[grid](
