@@ -77,31 +77,7 @@ def _run_cases(path: str) -> None:
             res["bwd"] = chunk_bwd(*args, fwd[1], do, *dh, C, steps, tol)
         results[name] = res
     results["readout_paths"] = _readout_paths("cpu")
-    results["state_segments"] = _state_segments("cpu")
     torch.save(results, path)
-
-
-def _state_segments(device: str) -> dict:
-    """State passes (forward and reverse) walked whole and in 3 segments (chunk_states.py)."""
-    from mesa_compile.ops.kernels.chunk_cg import _use_fp16_split
-    from mesa_compile.ops.kernels.chunk_states import chunk_state_pass
-
-    dtype = torch.float16 if device == "cpu" else torch.bfloat16
-    B, T, H, K, V = (1, 150, 2, 32, 48) if device == "cpu" else (1, 3000, 2, 128, 96)
-    _, k, v, g, beta, _, _, h_kv = make_inputs(B, T, H, K, V, dtype, device)
-    out = {}
-    for reverse in (False, True):
-        for segments in (1, 3):
-            states, final = chunk_state_pass(k, v, g, beta, h_kv, 16, reverse, 1.0, _use_fp16_split(), segments)
-            out[(reverse, segments)] = (states.float().sum(3), final)  # (hi, lo) pairs summed back to fp32
-    return out
-
-
-def _check_state_segments(res: dict) -> None:
-    """Segments change only the fp32 rounding of the states (1e-6)."""
-    for reverse in (False, True):
-        for whole, split in zip(res[(reverse, 1)], res[(reverse, 3)]):
-            assert torch.isfinite(split).all() and rel(split, whole) <= 1e-6, (reverse, rel(split, whole))
 
 
 def _readout_paths(device: str) -> dict:
@@ -177,10 +153,6 @@ def test_interp_bwd_matches_reference(interp_results, case):
 
 def test_interp_readout_scan_matches_state_pass_path(interp_results):
     _check_readout_paths(interp_results["readout_paths"])
-
-
-def test_interp_state_pass_segments_match_whole(interp_results):
-    _check_state_segments(interp_results["state_segments"])
 
 
 def test_interp_converged_matches_exact(interp_results):
@@ -287,11 +259,6 @@ def test_large_keys_route_to_aten(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_readout_scan_matches_state_pass_path():
     _check_readout_paths(_readout_paths("cuda"))
-
-
-@pytest.mark.gpu
-def test_gpu_state_pass_segments_match_whole():
-    _check_state_segments(_state_segments("cuda"))
 
 
 @pytest.mark.gpu
