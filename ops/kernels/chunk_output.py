@@ -13,9 +13,9 @@ Two ways to get G_c, one kernel each for the read-out and the adjoint (constexpr
 - from states: a G state pass (chunk_states.py) writes every G_c as a (hi, lo) pair, then one program
   per (block, chunk) runs the same per-chunk products.
 NOTE: the scan has only 2 programs per (batch, head) at K = V = 128, each walking all T / 32 chunks.
-H200, ms, scan / from states: B=8 T=2048 H=16 read-out 0.55 / 0.66, adjoint 0.35 / 0.54; B=1 T=8192
-H=4 read-out 1.64 / 0.42, adjoint 1.08 / 0.41; the two meet near 2 x 32 programs per 132 SMs
-(benchmarks/NOTES-kernels.md, round 6). The state pass's update is the scan's, term for term: o and
+H100, ms, scan / from states: B=8 T=2048 H=16 read-out 0.49 / 0.69, adjoint 0.33 / 0.67; B=1 T=8192
+H=4 read-out 1.48 / 0.42, adjoint 1.02 / 0.50; they meet between B x H = 32 and 64 (64 and 128 scan
+programs on 132 SMs; benchmarks/NOTES-kernels.md, round 6). The state pass's update is the scan's, term for term: o and
 the final G come out bit-identical by both ways, dX equal up to the fp32 order of the dots.
 Products are split like every product of the chunk kernels (chunk_common.py).
 """

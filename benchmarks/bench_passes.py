@@ -1,0 +1,95 @@
+"""Read-out by scan vs from a G state pass, and state-pass tiles 64 x 64 vs 32 x 32, across batch x heads.
+
+The data behind the launchers' choices in ops/kernels/chunk_output.py and chunk_states.py (both
+depend on how many programs there are per streaming multiprocessor). K = V = 128, bf16, chunk 32;
+kernels launched directly (no HOP dispatch). Writes <out>/bench_passes.json and <out>/bench_passes.md.
+Usage: python benchmarks/bench_passes.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch._library.triton import set_wrap_triton_enabled  # what torch.library.triton_op does in eager
+from triton.testing import do_bench
+
+from mesa_compile.ops import reference as ref
+from mesa_compile.ops.kernels import chunk_output, chunk_states
+
+SHAPES = ((1, 8192, 4), (4, 4096, 4), (8, 4096, 4), (12, 4096, 4), (16, 4096, 4), (24, 4096, 4), (8, 2048, 16))
+
+
+def ms(fn):
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def measure(B: int, T: int, H: int, D: int = 128) -> dict:
+    torch.manual_seed(0)
+    kn = ref.l2_normalize(torch.randn(B, T, H, D, device="cuda")).bfloat16()
+    v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
+    do = torch.randn_like(v)
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 3.0)
+    beta = torch.rand(B, T, H, device="cuda")
+    x = torch.randn(B, T, H, D, device="cuda")
+    h0 = torch.randn(B, H, D, D, device="cuda") / D
+    o1, o2 = torch.empty_like(v), torch.empty_like(v)
+    d1, d2 = torch.empty_like(x), torch.empty_like(x)
+    r = dict(B=B, T=T, H=H)
+    chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False, scan=True)
+    chunk_output.chunk_readout(x, kn, v, g, beta, h0, o2, False, scan=False)
+    chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1, False, scan=True)
+    chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d2, False, scan=False)
+    r["o_equal"] = bool(torch.equal(o1, o2))
+    r["dx_rel"] = ((d2 - d1).norm() / d1.norm()).item()
+    for scan in (True, False, None):
+        r[f"readout_scan{scan}_ms"] = ms(lambda: chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False,
+                                                                            scan=scan))
+        r[f"adjoint_scan{scan}_ms"] = ms(lambda: chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1,
+                                                                                   False, scan=scan))
+    NT = triton.cdiv(T, 32)
+    s_all = torch.empty(B, NT, H, 2, D, D, device="cuda", dtype=torch.bfloat16)
+    fin = torch.empty_like(h0)
+    for rev, nw in ((False, 2), (True, 4)):
+        for BA in (64, 32):
+            grid = (triton.cdiv(D, BA), triton.cdiv(D, BA), B * H)
+            r[f"state_rev{rev}_tile{BA}_ms"] = ms(lambda: chunk_states._chunk_state_kernel[grid](
+                kn, kn, g, beta, h0, s_all, fin, T, H, D, D, NT, 1.0, C=32, BA=BA, BB=BA, REVERSE=rev,
+                B_EXACT=True, SPLIT_FP16=False, num_warps=nw))
+    return r
+
+
+def write(out: Path, meta: dict, rows: list) -> None:
+    (out / "bench_passes.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# bench_passes: {meta['card']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}",
+             "", "ms (medians), K = V = 128; scan None = what the launcher picks", "",
+             "| B | T | H | read-out scan / states / picked | adjoint scan / states / picked | forward pass 64 / 32 "
+             "tiles | reverse pass 64 / 32 tiles |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [" / ".join(f"{r[f'{k}_scan{s}_ms']:.2f}" for s in (True, False, None)) for k in ("readout", "adjoint")]
+        cells += [" / ".join(f"{r[f'state_rev{rev}_tile{t}_ms']:.2f}" for t in (64, 32)) for rev in (False, True)]
+        lines.append(f"| {r['B']} | {r['T']} | {r['H']} | " + " | ".join(cells) + " |")
+    (out / "bench_passes.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    out = Path(ap.parse_args().out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(card=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                torch=torch.__version__, triton=triton.__version__)
+    rows = []
+    with set_wrap_triton_enabled(False):
+        for B, T, H in SHAPES:
+            rows.append(measure(B, T, H))
+            print(json.dumps(rows[-1]), flush=True)
+            write(out, meta, rows)
+
+
+if __name__ == "__main__":
+    main()
