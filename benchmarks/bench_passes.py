@@ -5,6 +5,7 @@ depend on how many programs there are per streaming multiprocessor). K = V = 128
 kernels launched directly (no HOP dispatch). Writes <out>/bench_passes.json and <out>/bench_passes.md.
 Usage: python benchmarks/bench_passes.py [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,15 @@ from triton.testing import do_bench
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.kernels import chunk_output, chunk_states
 
-SHAPES = ((1, 8192, 4), (4, 4096, 4), (8, 4096, 4), (12, 4096, 4), (16, 4096, 4), (24, 4096, 4), (8, 2048, 16))
+SHAPES = (
+    (1, 8192, 4),
+    (4, 4096, 4),
+    (8, 4096, 4),
+    (12, 4096, 4),
+    (16, 4096, 4),
+    (24, 4096, 4),
+    (8, 2048, 16),
+)
 
 
 def ms(fn):
@@ -47,31 +56,64 @@ def measure(B: int, T: int, H: int, D: int = 128) -> dict:
     r["o_equal"] = bool(torch.equal(o1, o2))
     r["dx_rel"] = ((d2 - d1).norm() / d1.norm()).item()
     for scan in (True, False, None):
-        r[f"readout_scan{scan}_ms"] = ms(lambda: chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False,
-                                                                            scan=scan))
-        r[f"adjoint_scan{scan}_ms"] = ms(lambda: chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1,
-                                                                                   False, scan=scan))
+        r[f"readout_scan{scan}_ms"] = ms(
+            lambda: chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False, scan=scan)
+        )
+        r[f"adjoint_scan{scan}_ms"] = ms(
+            lambda: chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1, False, scan=scan)
+        )
     NT = triton.cdiv(T, 32)
     s_all = torch.empty(B, NT, H, 2, D, D, device="cuda", dtype=torch.bfloat16)
     fin = torch.empty_like(h0)
     for rev, nw in ((False, 2), (True, 4)):
         for BA in (64, 32):
             grid = (triton.cdiv(D, BA), triton.cdiv(D, BA), B * H)
-            r[f"state_rev{rev}_tile{BA}_ms"] = ms(lambda: chunk_states._chunk_state_kernel[grid](
-                kn, kn, g, beta, h0, s_all, fin, T, H, D, D, NT, 1.0, C=32, BA=BA, BB=BA, REVERSE=rev,
-                B_EXACT=True, SPLIT_FP16=False, num_warps=nw))
+            r[f"state_rev{rev}_tile{BA}_ms"] = ms(
+                lambda: chunk_states._chunk_state_kernel[grid](
+                    kn,
+                    kn,
+                    g,
+                    beta,
+                    h0,
+                    s_all,
+                    fin,
+                    T,
+                    H,
+                    D,
+                    D,
+                    NT,
+                    1.0,
+                    C=32,
+                    BA=BA,
+                    BB=BA,
+                    REVERSE=rev,
+                    B_EXACT=True,
+                    SPLIT_FP16=False,
+                    num_warps=nw,
+                )
+            )
     return r
 
 
 def write(out: Path, meta: dict, rows: list) -> None:
     (out / "bench_passes.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"# bench_passes: {meta['card']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}",
-             "", "ms (medians), K = V = 128; scan None = what the launcher picks", "",
-             "| B | T | H | read-out scan / states / picked | adjoint scan / states / picked | forward pass 64 / 32 "
-             "tiles | reverse pass 64 / 32 tiles |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# bench_passes: {meta['card']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}",
+        "",
+        "ms (medians), K = V = 128; scan None = what the launcher picks",
+        "",
+        "| B | T | H | read-out scan / states / picked | adjoint scan / states / picked "
+        "| forward pass 64 / 32 tiles | reverse pass 64 / 32 tiles |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        cells = [" / ".join(f"{r[f'{k}_scan{s}_ms']:.2f}" for s in (True, False, None)) for k in ("readout", "adjoint")]
-        cells += [" / ".join(f"{r[f'state_rev{rev}_tile{t}_ms']:.2f}" for t in (64, 32)) for rev in (False, True)]
+        cells = [
+            " / ".join(f"{r[f'{k}_scan{s}_ms']:.2f}" for s in (True, False, None))
+            for k in ("readout", "adjoint")
+        ]
+        cells += [
+            " / ".join(f"{r[f'state_rev{rev}_tile{t}_ms']:.2f}" for t in (64, 32)) for rev in (False, True)
+        ]
         lines.append(f"| {r['B']} | {r['T']} | {r['H']} | " + " | ".join(cells) + " |")
     (out / "bench_passes.md").write_text("\n".join(lines) + "\n")
 
@@ -81,8 +123,12 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     out = Path(ap.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=torch.cuda.get_device_name(), sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                torch=torch.__version__, triton=triton.__version__)
+    meta = dict(
+        card=torch.cuda.get_device_name(),
+        sms=torch.cuda.get_device_properties(0).multi_processor_count,
+        torch=torch.__version__,
+        triton=triton.__version__,
+    )
     rows = []
     with set_wrap_triton_enabled(False):
         for B, T, H in SHAPES:

@@ -15,8 +15,9 @@ Two ways to get G_c, one kernel each for the read-out and the adjoint (constexpr
 NOTE: the scan has only 2 programs per (batch, head) at K = V = 128, each walking all T / 32 chunks.
 H100, ms, scan / from states: B=8 T=2048 H=16 read-out 0.49 / 0.69, adjoint 0.33 / 0.67; B=1 T=8192
 H=4 read-out 1.48 / 0.42, adjoint 1.02 / 0.50; they meet between B x H = 32 and 64 (64 and 128 scan
-programs on 132 SMs; benchmarks/NOTES-kernels.md, round 6). The state pass's update is the scan's, term for term: o and
-the final G come out bit-identical by both ways, dX equal up to the fp32 order of the dots.
+programs on 132 SMs; benchmarks/NOTES-kernels.md, round 6). The state pass's update is the scan's,
+term for term: o and the final G come out bit-identical by both ways, dX equal up to the fp32 order
+of the dots.
 Products are split like every product of the chunk kernels (chunk_common.py).
 """
 from __future__ import annotations
@@ -48,8 +49,8 @@ def _chunk_decay(g_ptr, beta_ptr, tok, tm, rows):
 
 
 @triton.jit
-def _readout_chunk(x_hi, x_lo, kt_hi, kt_lo, v_hi, v_lo, mdec, bcum, g_a, g_b,
-                   G_SPLIT: tl.constexpr, K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+def _readout_chunk(x_hi, x_lo, kt_hi, kt_lo, v_hi, v_lo, mdec, bcum, g_a, g_b, G_SPLIT: tl.constexpr,
+                   K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
     """o (C, BV) fp32 of one chunk: ((X K^T) * M) V + e^b * (X G_c), from split tiles; G_c given as its
     (hi, lo) pair (g_a, g_b) when G_SPLIT, else as fp32 g_a."""
     s = mm_pre(x_hi, x_lo, kt_hi, kt_lo, False, K_EXACT) * mdec  # (C, C)
@@ -64,8 +65,8 @@ def _readout_chunk(x_hi, x_lo, kt_hi, kt_lo, v_hi, v_lo, mdec, bcum, g_a, g_b,
 
 
 @triton.jit
-def _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum, g_a, g_b,
-                   G_SPLIT: tl.constexpr, K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+def _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum, g_a, g_b, G_SPLIT: tl.constexpr,
+                   K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
     """dX (C, BK) fp32 of one chunk: ((dO V^T) * M) K + e^b * (dO G_c^T); G_c^T given as its (hi, lo)
     pair (g_a, g_b) when G_SPLIT, else G_c as fp32 g_a."""
     s = mm(dov.to(tl.float32), tl.trans(vv.to(tl.float32)), V_EXACT, V_EXACT, SPLIT_FP16) * mdec  # (C, C)
@@ -187,12 +188,14 @@ def _readout_adjoint_kernel(
                      other=0.0)  # (C, BK)
         k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
         if SCAN:
-            dx = _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum, state, state, False, K_EXACT, V_EXACT, SPLIT_FP16)
+            dx = _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum, state, state, False,
+                                K_EXACT, V_EXACT, SPLIT_FP16)
         else:
             # G_c^T (BV, BK)
             pair = ((bb * tl.cdiv(T, C) + c) * H + hh) * 2 * K * V + ik[None, :] * V + iv[:, None]
             vk_mask = vm[:, None] & km[None, :]
-            dx = _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum, tl.load(s_ptr + pair, mask=vk_mask, other=0.0),
+            dx = _adjoint_chunk(dov, vv, k_hi, k_lo, mdec, bcum,
+                                tl.load(s_ptr + pair, mask=vk_mask, other=0.0),
                                 tl.load(s_ptr + pair + K * V, mask=vk_mask, other=0.0), True,
                                 K_EXACT, V_EXACT, SPLIT_FP16)
         tl.store(dx_ptr + tok[:, None] * K + ik[None, :], dx, mask=tm[:, None] & km[None, :])

@@ -102,9 +102,10 @@ def chunk_state_pass(
     s_all = torch.empty(B, NT, H, 2, DA, DB, device=a.device, dtype=split_dt)
     s_fin = torch.empty(B, H, DA, DB, device=a.device, dtype=torch.float32)
     # 64 x 64 tiles, or 32 x 32 where there would be too few programs (each walks all chunks); a 4-warp
-    # reverse program needs fewer of them. NOTE: H200, K = V = 128, T = 4096 (2048 at B x H = 128), ms for
-    # 64- / 32-tiles, B x H = 4, 32, 64, 96, 128: forward 0.52/0.35, 0.28/0.22, 0.33/0.29, 0.40/0.49,
-    # 0.24/0.29; reverse 0.43/0.33, 0.24/0.23, 0.30/0.46, 0.37/0.67, 0.31/0.46 (NOTES-kernels.md, round 6)
+    # reverse program needs fewer of them. NOTE: H200, K = V = 128, T = 4096 (8192 at B x H = 4, 2048
+    # at 128), ms for 64- / 32-tiles at B x H = 4, 32, 64, 96, 128: forward 0.52/0.35, 0.28/0.22,
+    # 0.33/0.29, 0.40/0.49, 0.24/0.29; reverse 0.43/0.33, 0.24/0.23, 0.30/0.46, 0.37/0.67, 0.31/0.46
+    # (benchmarks/NOTES-kernels.md, round 6)
     per_sm = 1.0 if reverse else 2.5
     cap = 64 if fills_device(triton.cdiv(DA, 64) * triton.cdiv(DB, 64) * B * H, a.device, per_sm) else 32
     BA, BB = _block(DA, cap), _block(DB, cap)
