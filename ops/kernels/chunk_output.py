@@ -49,6 +49,16 @@ def _chunk_decay(g_ptr, beta_ptr, tok, tm, rows):
 
 
 @triton.jit
+def _chunk_walk(s_ptr, tile, kv_mask, T, C: tl.constexpr, SCAN: tl.constexpr):
+    """The chunks a program walks, [first, end), and the G block it starts from: for a scan all chunks
+    from the initial G at s_ptr + tile; otherwise its own chunk (grid axis 2), G_c read per chunk."""
+    if SCAN:
+        return tl.load(s_ptr + tile, mask=kv_mask, other=0.0), 0, tl.cdiv(T, C)
+    else:
+        return 0.0, tl.program_id(2), tl.program_id(2) + 1
+
+
+@triton.jit
 def _readout_chunk(x_hi, x_lo, kt_hi, kt_lo, v_hi, v_lo, mdec, bcum, g_a, g_b, G_SPLIT: tl.constexpr,
                    K_EXACT: tl.constexpr, V_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
     """o (C, BV) fp32 of one chunk: ((X K^T) * M) V + e^b * (X G_c), from split tiles; G_c given as its
@@ -104,13 +114,7 @@ def _readout_kernel(
     vm = iv < V
     tile = (bb * H + hh) * K * V + ik[:, None] * V + iv[None, :]
     kv_mask = km[:, None] & vm[None, :]
-    if SCAN:
-        state = tl.load(s_ptr + tile, mask=kv_mask, other=0.0)  # (BK, BV) G_c
-        c_first = 0
-        c_end = tl.cdiv(T, C)
-    else:
-        c_first = tl.program_id(2)
-        c_end = c_first + 1
+    state, c_first, c_end = _chunk_walk(s_ptr, tile, kv_mask, T, C, SCAN)  # state: (BK, BV) G_c
     for c in range(c_first, c_end):
         t = c * C + rows
         tm = t < T
@@ -168,13 +172,7 @@ def _readout_adjoint_kernel(
     vm = iv < V
     tile = (bb * H + hh) * K * V + ik[:, None] * V + iv[None, :]
     kv_mask = km[:, None] & vm[None, :]
-    if SCAN:
-        state = tl.load(s_ptr + tile, mask=kv_mask, other=0.0)  # (BK, BV) rows ik of G_c
-        c_first = 0
-        c_end = tl.cdiv(T, C)
-    else:
-        c_first = tl.program_id(2)
-        c_end = c_first + 1
+    state, c_first, c_end = _chunk_walk(s_ptr, tile, kv_mask, T, C, SCAN)  # state: (BK, BV) rows ik of G_c
     for c in range(c_first, c_end):
         t = c * C + rows
         tm = t < T
