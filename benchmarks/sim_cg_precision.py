@@ -10,6 +10,9 @@ directions rounded to bf16, x0 = bf16(Jacobi guess)). Variants of the lo product
   fp8_h     H_lo and p in fp8, one power-of-two scale per (chunk, head) for H_lo and per token for p
   fp8_s     S_lo in fp8 (scale per chunk), keys exact
   fp8_sk    S_lo and the keys both in fp8, as a tensor-core fp8 product needs
+  h16_l8    H_c as a scaled fp16 hi part (scale per (chunk, head); directions are exact in it) plus
+            an fp8 lo part as in fp8_h; S as in bf16x2
+  h16_l8_sk h16_l8 with S as in fp8_sk
   single    no lo products (one pass each, like the reference kernels)
 fp32 accumulation is not modelled (its error is ~1e-7, below the 16-bit split). Inputs as
 bench_ops.py's accuracy rows: B=1 T=1024 H=4 K=V=128 bf16, lambda 0.25, random keys (gate bias 3) and
@@ -33,7 +36,7 @@ from mesa_compile.ops import reference as ref
 B, T, H, D, C = 1, 1024, 4, 128, 32
 NT = T // C
 LAMB = 0.25
-VARIANTS = ("bf16x2", "fp8_h", "fp8_s", "fp8_sk", "single")
+VARIANTS = ("bf16x2", "fp8_h", "fp8_s", "fp8_sk", "h16_l8", "h16_l8_sk", "single")
 STEPS = (10, 30)
 
 
@@ -41,11 +44,17 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).to(torch.float64)
 
 
-def fp8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """fp8 e4m3 rounding with a power-of-two scale per slice (its largest magnitude maps below 448)."""
+def scaled(x: torch.Tensor, dims: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rounding to dtype with a power-of-two scale per slice (its largest magnitude maps below the
+    dtype's maximum)."""
     amax = x.abs().amax(dim=dims, keepdim=True).clamp_min(1e-300)
-    scale = torch.exp2(torch.floor(torch.log2(448.0 / amax)))
-    return (x * scale).to(torch.float8_e4m3fn).to(torch.float64) / scale
+    scale = torch.exp2(torch.floor(torch.log2(torch.finfo(dtype).max / amax)))
+    return (x * scale).to(dtype).to(torch.float64) / scale
+
+
+def fp8(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """fp8 e4m3 rounding with a power-of-two scale per slice."""
+    return scaled(x, dims, torch.float8_e4m3fn)
 
 
 def chunked_inputs(corr: float, gate_bias: float, seed: int = 0) -> dict:
@@ -84,10 +93,10 @@ def read_out(x: torch.Tensor, d: dict) -> torch.Tensor:
 
 def matvec(p: torch.Tensor, d: dict, variant: str) -> torch.Tensor:
     """A(p) for directions p (H, NT, C, D) exact in bf16, lo products as the variant rounds them."""
-    h_hi = bf16(d["hc"])
+    h_hi = scaled(d["hc"], (-1, -2), torch.float16) if variant.startswith("h16") else bf16(d["hc"])
     h_lo = d["hc"] - h_hi
     hp = torch.einsum("hnij,hntj->hnti", h_hi, p)
-    if variant == "fp8_h":
+    if variant == "fp8_h" or variant.startswith("h16"):
         hp = hp + torch.einsum("hnij,hntj->hnti", fp8(h_lo, (-1, -2)), fp8(p, (-1,)))
     elif variant != "single":
         hp = hp + torch.einsum("hnij,hntj->hnti", bf16(h_lo), p)
@@ -96,7 +105,7 @@ def matvec(p: torch.Tensor, d: dict, variant: str) -> torch.Tensor:
     intra = torch.einsum("hnts,hnsi->hnti", s_hi, d["k"])
     if variant == "fp8_s":
         intra = intra + torch.einsum("hnts,hnsi->hnti", fp8(s - s_hi, (-1, -2)), d["k"])
-    elif variant == "fp8_sk":
+    elif variant in ("fp8_sk", "h16_l8_sk"):
         intra = intra + torch.einsum("hnts,hnsi->hnti", fp8(s - s_hi, (-1, -2)), fp8(d["k"], (-1, -2)))
     elif variant != "single":
         intra = intra + torch.einsum("hnts,hnsi->hnti", bf16(s - s_hi), d["k"])
