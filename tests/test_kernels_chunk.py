@@ -241,6 +241,22 @@ def test_gpu_bf16_gradients(regime):
         assert rel(a, b) <= (3e-3 if lowp else 2e-3), (name, rel(a, b))
 
 
+def test_occupancy_rule(monkeypatch):
+    """The kernels' occupancy rule: per_sm programs per streaming multiprocessor on CUDA, always met off
+    CUDA (the interpreter keeps the scans and the 64-tiles)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from mesa_compile.ops.kernels.chunk_common import fills_device
+
+    props = SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: props)
+    cuda = torch.device("cuda")
+    assert fills_device(66, cuda, 0.5) and not fills_device(65, cuda, 0.5)
+    assert fills_device(330, cuda, 2.5) and not fills_device(329, cuda, 2.5)
+    assert fills_device(1, torch.device("cpu"), 2.5)
+
+
 def test_large_keys_route_to_aten(monkeypatch):
     """The chunk kernels take K <= CHUNK_K_MAX; the ops run aten above it, and decode any K."""
     pytest.importorskip("triton")
