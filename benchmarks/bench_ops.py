@@ -63,14 +63,15 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     for n in (0, steps):
         res[f"cg_steps{n}_ms"] = ms(lambda: launch_chunk_cg(qn, kn, g, beta, lamb, hs, x, st, x, g, lamb, C, n,
                                                             0.0, False))
-    res["readout_scan_ms"] = ms(lambda: chunk_readout(x, kn, v, g, beta, zkv, o, False))
+    # the read-out and the adjoint's right-hand side by the path their launchers pick for this shape
+    res["readout_ms"] = ms(lambda: chunk_readout(x, kn, v, g, beta, zkv, o, False))
     _, xq, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, zkv, C, steps, 0.0)
     res["bwd_ms"] = ms(lambda: chunk_bwd(qn, kn, v, g, beta, lamb, z, zkv, xq, do, z, zkv, C, steps, 0.0))
     u = torch.empty_like(x)
     dc = torch.empty(B, T, H, device="cuda")
     dl = torch.empty(B, triton.cdiv(T, C), H, K, device="cuda")
     dx = torch.empty_like(x)
-    res["bwd_rhs_scan_ms"] = ms(lambda: chunk_readout_adjoint(do, kn, v, g, beta, zkv, dx, False))
+    res["bwd_rhs_ms"] = ms(lambda: chunk_readout_adjoint(do, kn, v, g, beta, zkv, dx, False))
     res["bwd_cg_ms"] = ms(lambda: launch_chunk_cg(dx, kn, g, beta, lamb, hs, xq, dc, u, dc, dl, C,
                                                   steps, 0.0, True))
     res["bwd_state_rev_ms"] = ms(lambda: chunk_state_pass(u, xq, g, beta, z, C, True, -1.0, False))

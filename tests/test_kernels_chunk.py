@@ -30,10 +30,14 @@ CASES = {
     "f32_t37_converged": (1, 37, 2, 16, 24, torch.float32, 16, 32, 0.0, True),
     "f16_t20": (2, 20, 2, 32, 16, torch.float16, 16, 12, 0.0, True),
     "f32_k48_v40_tol": (1, 40, 2, 48, 40, torch.float32, 32, 30, 1e-3, False),
-    "f32_zero_steps": (1, 16, 2, 16, 16, torch.float32, 16, 0, 0.0, False),
+    "f32_zero_steps": (1, 16, 2, 16, 16, torch.float32, 16, 0, 0.0, True),
     # V padded to 256: the adjoint read-out scan splits K = 48 into two blocks of 32 rows
     "f32_k48_v160_blocks": (1, 45, 1, 48, 160, torch.float32, 16, 40, 0.0, True),
+    # run as if on a GPU with few programs per SM (LOW_OCCUPANCY): read-outs from a G state pass,
+    # 32 x 32 state tiles (masked at K = 48, V = 160)
+    "f32_k48_v160_low_occupancy": (2, 45, 2, 48, 160, torch.float32, 16, 40, 0.0, True),
 }
+LOW_OCCUPANCY = {"f32_k48_v160_low_occupancy"}
 FWD_NAMES = ("o", "q_star", "h_kk", "h_kv", "steps")
 BWD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dlamb", "dh_kk0", "dh_kv0")
 
@@ -62,11 +66,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _run_cases(path: str) -> None:
     """Subprocess body: kernel outputs of every CPU case under the interpreter, saved to path."""
-    from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
+    from mesa_compile.ops.kernels import chunk_bwd, chunk_common, chunk_fwd, chunk_output, chunk_states
 
     torch.manual_seed(1234)
     results = {}
     for name, (B, T, H, K, V, dtype, C, steps, tol, bwd) in CASES.items():
+        occupancy = (lambda *_: False) if name in LOW_OCCUPANCY else chunk_common.fills_device
+        chunk_output.fills_device = chunk_states.fills_device = occupancy
         args = make_inputs(B, T, H, K, V, dtype)
         fwd = chunk_fwd(*args, C, steps, tol)
         res = {"args": args, "fwd": fwd}
@@ -76,6 +82,7 @@ def _run_cases(path: str) -> None:
             res["grads_in"] = (do, *dh)
             res["bwd"] = chunk_bwd(*args, fwd[1], do, *dh, C, steps, tol)
         results[name] = res
+    chunk_output.fills_device = chunk_states.fills_device = chunk_common.fills_device
     results["readout_paths"] = _readout_paths("cpu")
     torch.save(results, path)
 
@@ -87,12 +94,13 @@ def _readout_paths(device: str) -> dict:
     from mesa_compile.ops.kernels.chunk_output import chunk_readout, chunk_readout_adjoint
 
     dtype = torch.float16 if device == "cpu" else torch.bfloat16
-    B, T, H, K, V = (1, 75, 2, 48, 160) if device == "cpu" else (2, 700, 3, 128, 96)
+    B, T, H, K, V = (2, 75, 2, 48, 160) if device == "cpu" else (2, 700, 3, 128, 96)
     q, k, v, g, beta, _, _, h_kv = make_inputs(B, T, H, K, V, dtype, device)
     x, do = torch.randn(B, T, H, K, device=device), torch.randn(B, T, H, V, device=device).to(dtype)
     out = {}
     for scan in (True, False):
-        o, dx = torch.empty_like(v), torch.empty_like(x)
+        # o kept in fp32: a 16-bit o would turn 1-ulp differences of G_c into rounding flips
+        o, dx = torch.empty(B, T, H, V, device=device), torch.empty_like(x)
         g_o = chunk_readout(x, k, v, g, beta, h_kv, o, _use_fp16_split(), scan=scan)
         g_dx = chunk_readout_adjoint(do, k, v, g, beta, h_kv, dx, _use_fp16_split(), scan=scan)
         out[scan] = (o, g_o, dx, g_dx)

@@ -8,7 +8,8 @@ Forward (BWD=False): solve A x = q, write q* = x and steps (o: chunk_readout, ch
 Backward (BWD=True): solve A u = dx for the adjoint right-hand side dx (chunk_readout_adjoint,
   chunk_output.py), write u, dc_t = -u_t . (H_t x_t) + x_t . dx_t (the o.do term equals x.dx) and
   per-chunk dlamb partials -sum_t u_t * x_t (reduced later on the host side: deterministic, no atomics).
-CG rows (tokens) stop individually: breakdown (p.w <= 0 or non-finite) keeps that row's x;
+CG rows (tokens) stop individually: breakdown (p.w <= 0 or non-finite) keeps that row's x (a row
+that stops before its first step keeps the Jacobi guess rounded to the split dtype, see below);
 cg_tol > 0 stops a row at ||r||^2 <= tol^2 ||r0||^2; a row with r == 0 stops. The loop exits
 once no row is active, and after cg_steps iterations at most.
 

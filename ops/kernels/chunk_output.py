@@ -16,8 +16,8 @@ NOTE: the scan has only 2 programs per (batch, head) at K = V = 128, each walkin
 H100, ms, scan / from states: B=8 T=2048 H=16 read-out 0.49 / 0.69, adjoint 0.33 / 0.67; B=1 T=8192
 H=4 read-out 1.48 / 0.42, adjoint 1.02 / 0.50; they meet between B x H = 32 and 64 (64 and 128 scan
 programs on 132 SMs; benchmarks/NOTES-kernels.md, round 6). The state pass's update is the scan's,
-term for term: o and the final G come out bit-identical by both ways, dX equal up to the fp32 order
-of the dots.
+term for term: on the GPU, o and the read-out's final G came out bit-identical by both ways; dX and
+the adjoint's final G agree up to the fp32 order of the dots.
 Products are split like every product of the chunk kernels (chunk_common.py).
 """
 from __future__ import annotations

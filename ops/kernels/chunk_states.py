@@ -3,8 +3,8 @@
 One kernel serves both directions. A program owns a (BA x BB) tile of a per-(batch, head) state S
 and walks the chunks sequentially, storing S at every chunk boundary, then updating it:
   forward  (REVERSE=False): stores S at each chunk START, then S <- e^{b_L} S + (A * w)^T B,
-           w_s = e^{b_L - b_s} beta_s, with (A, B) = (k, k) for H (G is scanned by the read-out
-           kernels in chunk_output.py and never stored per chunk).
+           w_s = e^{b_L - b_s} beta_s, with (A, B) = (k, k) for H, and (k, v) for G where the
+           read-out kernels (chunk_output.py) read G_c from states instead of scanning G themselves.
   reverse  (REVERSE=True):  stores S at each chunk END, then S <- e^{b_L} S + sign (A * w)^T B,
            w_t = e^{b_t}, with (A, B, sign) = (u, x, -1) for dH and (x, do, +1) for dG.
 b is the within-chunk cumulative log decay, b_L its value at the chunk's last row. States are fp32;
