@@ -45,7 +45,8 @@ def _interpreted_checks() -> None:
 
     # varlen: two sequences packed in one row run the kernels as two independent sequences
     cu = torch.tensor([0, 7, T], dtype=torch.int32)
-    packed = mesa_net(q[:1], k[:1], v[:1], g[:1], beta[:1], lamb, cg_steps=K + 5, chunk_size=16, cu_seqlens=cu)
+    packed = mesa_net(q[:1], k[:1], v[:1], g[:1], beta[:1], lamb, cg_steps=K + 5, chunk_size=16,
+                      cu_seqlens=cu)
     for a, b in ((0, 7), (7, T)):
         one = mesa_net_exact(q[:1, a:b], k[:1, a:b], v[:1, a:b], g[:1, a:b], beta[:1, a:b], lamb)
         assert rel_err(packed.o[:, a:b], one.o) <= 1e-5, rel_err(packed.o[:, a:b], one.o)

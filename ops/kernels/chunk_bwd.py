@@ -3,8 +3,8 @@
 Pipeline (mesanet-math.md section 4, same algebra as ops.reference.chunk_bwd):
   1. forward H state pass again (H_c at every chunk start; final H_T);
   2. adjoint CG solve u = A^{-1} G do: right-hand side dx by chunk_readout_adjoint (which scans G_c or
-     reads it from a G state pass, and returns the final G_T), solve by the chunk_cg kernel (BWD=True), with per-token
-     dc_t = -u.(H_t x_t) + x.dx and per-chunk dlamb partials;
+     reads it from a G state pass, and returns the final G_T), solve by the chunk_cg kernel
+     (BWD=True), with per-token dc_t = -u.(H_t x_t) + x.dx and per-chunk dlamb partials;
   3. reverse state passes: dH_end, dG_end at every chunk end (dh_kk / dh_kv enter at the end);
   4. _chunk_grad_kernel below: per chunk, with W[t,s] = 1[s >= t] e^{b_s - b_t},
        R1 = -((K X^T) * W) U + (e^{bL-b} K) DH^T      R2 = -((K U^T) * W) X + (e^{bL-b} K) DH
