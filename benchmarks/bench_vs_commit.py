@@ -1,0 +1,162 @@
+"""The working tree's chunk kernels against another commit's, side by side in one process on one card.
+
+A kernel change is judged by a ratio measured in one run (benchmarks/NOTES-kernels.md). This script
+copies `ops/kernels` of a commit (git) into a temporary package, imports it beside the installed
+`mesa_compile.ops.kernels`, and times both through their stable entry points `chunk_fwd` / `chunk_bwd`
+(bench_ops.py's inputs: B=8 T=2048 H=16 K=V=128 bf16, pre-normalised q, k), with fla 0.6.0's forward
+in the same process where it is installed. It also compares both against the exact fp64 solve on
+random and ill-conditioned (cond ~400) heads, o kept in fp32.
+Writes <out>/bench_vs_commit.json and .md.
+Usage: python benchmarks/bench_vs_commit.py --base COMMIT [--out DIR] [--shape B,T,H,D]
+       python benchmarks/bench_vs_commit.py --base COMMIT --check   (tiny shapes, any device: outputs
+       of both trees against each other and the exact solve, no timing; with TRITON_INTERPRET=1 on CPU)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mesa_compile.ops import reference as ref
+from mesa_compile.ops import kernels as ours
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_kernels_of(commit: str, into: Path):
+    """ops/kernels of a commit as an importable package `base_kernels` under `into`."""
+    pkg = into / "base_kernels"
+    pkg.mkdir()
+    listing = subprocess.run(["git", "ls-tree", "--name-only", f"{commit}:ops/kernels"], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.split()
+    for name in listing:
+        if name.endswith(".py"):
+            src = subprocess.run(["git", "show", f"{commit}:ops/kernels/{name}"], cwd=ROOT, check=True,
+                                 capture_output=True, text=True).stdout
+            (pkg / name).write_text(src)
+    sys.path.insert(0, str(into))
+    return importlib.import_module("base_kernels")
+
+
+def make(B, T, H, D, device, corr=0.0, gate_bias=3.0, lamb=None):
+    """bench_ops.py's inputs (keys normalize(corr * u + noise), one u per head), q and k normalised."""
+    q, k, v = (torch.randn(B, T, H, D, device=device) for _ in range(3))
+    k = corr * torch.randn(1, 1, H, D, device=device) + k
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k = ref.l2_normalize(q).to(dtype), ref.l2_normalize(k).to(dtype)
+    g = F.logsigmoid(torch.randn(B, T, H, device=device) + gate_bias)
+    beta = torch.rand(B, T, H, device=device)
+    lamb = torch.rand(H, D, device=device) + 0.25 if lamb is None else torch.full((H, D), lamb, device=device)
+    return q, k, v.to(dtype), g, beta, lamb
+
+
+def relerr(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def accuracy(trees: dict, device: str, shape: tuple, steps_list: tuple) -> list[dict]:
+    """o (fp32) of each tree against the exact fp64 solve, random and ill-conditioned heads."""
+    rows = []
+    for corr, bias, lamb in ((0.0, 3.0, None), (3.0, 6.0, 0.25)):
+        torch.manual_seed(0)
+        q, k, v, g, beta, lamb_t = make(*shape, device, corr, bias, lamb)
+        z_kk = torch.zeros(shape[0], shape[2], shape[3], shape[3], device=device)
+        exact = ref.exact_recurrence(*(t.double() for t in (q, k, v, g, beta, lamb_t, z_kk, z_kk)))[0]
+        row = dict(corr=corr, gate_bias=bias)
+        for steps in steps_list:
+            for tag, tree in trees.items():
+                o = tree.chunk_fwd(q, k, v, g, beta, lamb_t, z_kk, z_kk, 64, steps, 0.0,
+                                   out_dtype=torch.float32)[0]
+                row[f"{tag}_{steps}"] = relerr(o, exact)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def timings(trees: dict, shape: tuple) -> dict:
+    from triton.testing import do_bench
+
+    def ms(fn):
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    try:
+        from fla.ops.mesa_net import chunk_mesa_net
+    except ImportError:
+        chunk_mesa_net = None
+    torch.manual_seed(0)
+    q, k, v, g, beta, lamb = make(*shape, "cuda")
+    B, T, H, D = shape
+    z = torch.zeros(B, H, D, D, device="cuda")
+    do = torch.randn_like(v)
+    res = {}
+    for steps in (30, 10):
+        for tag, tree in trees.items():
+            res[f"{tag}_fwd_{steps}"] = ms(lambda: tree.chunk_fwd(q, k, v, g, beta, lamb, z, z, 64, steps,
+                                                                  0.0))
+
+            def fwd_bwd():
+                _, x, *_ = tree.chunk_fwd(q, k, v, g, beta, lamb, z, z, 64, steps, 0.0)
+                tree.chunk_bwd(q, k, v, g, beta, lamb, z, z, x, do, z, z, 64, steps, 0.0)
+
+            res[f"{tag}_fwdbwd_{steps}"] = ms(fwd_bwd)
+        if chunk_mesa_net is not None:
+            res[f"fla_fwd_{steps}"] = ms(lambda: chunk_mesa_net(q, k, v, g, beta, lamb,
+                                                                 max_CG_iteration=steps))
+        print(json.dumps({key: val for key, val in res.items() if key.endswith(f"_{steps}")}), flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True, help="commit whose ops/kernels to compare against")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--shape", default="8,2048,16,128", metavar="B,T,H,D")
+    ap.add_argument("--check", action="store_true", help="tiny shapes, outputs only (CPU interpreter or GPU)")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"base": import_kernels_of(a.base, Path(tmp)), "tree": ours}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        meta = dict(base=a.base, card=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    torch=torch.__version__)
+        if a.check:
+            result = dict(meta=meta, accuracy=accuracy(trees, device, (1, 70, 2, 32), (40,)))
+        else:
+            # our kernels launched as the mesa:: ops launch them in eager (no HOP dispatch per launch)
+            from torch._library.triton import set_wrap_triton_enabled
+
+            with set_wrap_triton_enabled(False):
+                result = dict(meta=meta, timings=timings(trees, tuple(int(n) for n in a.shape.split(","))),
+                              accuracy=accuracy(trees, device, (1, 1024, 4, 128), (30, 10)))
+    (out / "bench_vs_commit.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# bench_vs_commit: working tree vs {a.base}, {meta['card']}, torch {meta['torch']}", ""]
+    if "timings" in result:
+        lines += ["| CG steps | base fwd | tree fwd | fla fwd | base fwd+bwd | tree fwd+bwd |",
+                  "|---|---|---|---|---|---|"]
+        t = result["timings"]
+        for steps in (30, 10):
+            cells = [t.get(f"{key}_{steps}", float("nan")) for key in ("base_fwd", "tree_fwd", "fla_fwd",
+                                                                        "base_fwdbwd", "tree_fwdbwd")]
+            lines.append(f"| {steps} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        lines.append("")
+    columns = [key for key in result["accuracy"][0] if key not in ("corr", "gate_bias")]
+    lines += ["rel. error of o (fp32) vs the exact fp64 solve", "", "| keys | " + " | ".join(columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for row in result["accuracy"]:
+        keys = "random" if row["corr"] == 0 else "ill-conditioned"
+        lines.append(f"| {keys} | " + " | ".join(f"{row[key]:.2e}" for key in columns) + " |")
+    (out / "bench_vs_commit.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
