@@ -3,7 +3,7 @@
 A kernel change is judged by a ratio measured in one run (benchmarks/NOTES-kernels.md). This script
 copies `ops/kernels` of a commit (git) into a temporary package, imports it beside the installed
 `mesa_compile.ops.kernels`, and times both through their stable entry points `chunk_fwd` / `chunk_bwd`
-(bench_ops.py's inputs: B=8 T=2048 H=16 K=V=128 bf16, pre-normalised q, k), with fla 0.6.0's forward
+(inputs like bench_ops.py's: B=8 T=2048 H=16 K=V=128 bf16, pre-normalised q, k), with fla 0.6.0's forward
 in the same process where it is installed. It also compares both against the exact fp64 solve on
 random and ill-conditioned (cond ~400) heads, o kept in fp32.
 Writes <out>/bench_vs_commit.json and .md.
@@ -47,7 +47,7 @@ def import_kernels_of(commit: str, into: Path):
 
 
 def make(B, T, H, D, device, corr=0.0, gate_bias=3.0, lamb=None):
-    """bench_ops.py's inputs (keys normalize(corr * u + noise), one u per head), q and k normalised."""
+    """Inputs like bench_ops.py's (keys normalize(corr * u + noise), one u per head), q and k normalised."""
     q, k, v = (torch.randn(B, T, H, D, device=device) for _ in range(3))
     k = corr * torch.randn(1, 1, H, D, device=device) + k
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
