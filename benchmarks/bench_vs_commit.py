@@ -7,7 +7,7 @@ copies `ops/kernels` of a commit (git) into a temporary package, imports it besi
 in the same process where it is installed. It also compares both against the exact fp64 solve on
 random and ill-conditioned (cond ~400) heads, o kept in fp32.
 Writes <out>/bench_vs_commit.json and .md.
-Usage: python benchmarks/bench_vs_commit.py --base COMMIT [--out DIR] [--shape B,T,H,D]
+Usage: python benchmarks/bench_vs_commit.py --base COMMIT|DIR [--out DIR] [--shape B,T,H,D]
        python benchmarks/bench_vs_commit.py --base COMMIT --check   (tiny shapes, any device: outputs
        of both trees against each other and the exact solve, no timing; with TRITON_INTERPRET=1 on CPU)
 """
@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,9 +32,15 @@ from mesa_compile.ops import kernels as ours
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_kernels_of(commit: str, into: Path):
-    """ops/kernels of a commit as an importable package `base_kernels` under `into`."""
+def import_kernels_of(base: str, into: Path):
+    """ops/kernels of a commit, or the kernel modules of a directory (for machines whose copy of the
+    repository has no git history), as an importable package `base_kernels` under `into`."""
     pkg = into / "base_kernels"
+    if Path(base).is_dir():
+        shutil.copytree(base, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        sys.path.insert(0, str(into))
+        return importlib.import_module("base_kernels")
+    commit = base
     pkg.mkdir()
     listing = subprocess.run(["git", "ls-tree", "--name-only", f"{commit}:ops/kernels"], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout.split()
@@ -116,7 +123,8 @@ def timings(trees: dict, shape: tuple) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", required=True, help="commit whose ops/kernels to compare against")
+    ap.add_argument("--base", required=True,
+                    help="commit whose ops/kernels to compare against, or a directory holding a copy of them")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--shape", default="8,2048,16,128", metavar="B,T,H,D")
     ap.add_argument("--check", action="store_true", help="tiny shapes, outputs only (CPU interpreter or GPU)")

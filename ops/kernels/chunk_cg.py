@@ -62,6 +62,12 @@ def chunk_len(chunk_size: int, K: int) -> int:
 
 
 @triton.jit
+def _add_pair(a0, b0, a1, b1):
+    """Combine function of a sum over two tensors at once (one cross-warp exchange for both)."""
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
 def _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
             K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
     """A(P)^T (BK, C) fp32 for directions P^T (BK, C) given in the split dtype (exact there)."""
@@ -134,7 +140,6 @@ def _chunk_cg_kernel(
                         K_EXACT, SPLIT_FP16)
     pt = split_hi(r, SPLIT_FP16)
     d = tl.sum(r * r, 0)  # (C,)
-    rp = tl.sum(r * pt.to(tl.float32), 0)
     d0 = d
     active = tm & (d > tol2 * d0)
     steps = tl.zeros([C], dtype=tl.int32)
@@ -143,7 +148,8 @@ def _chunk_cg_kernel(
     while (it < cg_steps) & (n_active > 0):
         w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
         pf = pt.to(tl.float32)
-        pw = tl.sum(pf * w, 0)
+        # p~.A p~ and r.p~ in one cross-warp reduction (r.p~ does not wait for the matvec)
+        pw, rp = tl.reduce((pf * w, r * pf), 0, _add_pair)
         ok = active & (pw > 0) & (pw < float("inf"))
         # exact line search along p~ (r.p~, not r.r: p~ is not p) keeps each step an energy descent
         alpha = tl.where(ok, tl.fdiv(rp, tl.where(ok, pw, 1.0)), 0.0)  # 2-ulp division: x, r share it
@@ -158,7 +164,6 @@ def _chunk_cg_kernel(
         bcg = tl.where(go, tl.fdiv(d_new, tl.where(go, d, 1.0)), 0.0)
         # a stopped row never steps again (active = False): its finite p = r is left unused
         pt = split_hi(r + bcg[None, :] * pf, SPLIT_FP16)
-        rp = tl.sum(r * pt.to(tl.float32), 0)
         d = tl.where(go, d_new, d)
         active = go
         it += 1
