@@ -1,14 +1,15 @@
 """The working tree's chunk kernels against another commit's, side by side in one process on one card.
 
 A kernel change is judged by a ratio measured in one run (benchmarks/NOTES-kernels.md). This script
-copies `ops/kernels` of a commit (git) into a temporary package, imports it beside the installed
-`mesa_compile.ops.kernels`, and times both through their stable entry points `chunk_fwd` / `chunk_bwd`
-(inputs like bench_ops.py's: B=8 T=2048 H=16 K=V=128 bf16, pre-normalised q, k), with fla 0.6.0's forward
-in the same process where it is installed. It also compares both against the exact fp64 solve on
+copies `ops/kernels` of a commit (git) or a directory into a temporary package, imports it beside the
+installed `mesa_compile.ops.kernels`, and times both through their stable entry points `chunk_fwd` /
+`chunk_bwd` and their forward CG kernel alone (cg_alone says for which commits), with fla 0.6.0's
+forward in the same process where it is installed (inputs like bench_ops.py's: B=8 T=2048 H=16 K=V=128
+bf16, pre-normalised q, k). It also compares both against the exact fp64 solve on
 random and ill-conditioned (cond ~400) heads, o kept in fp32.
 Writes <out>/bench_vs_commit.json and .md.
 Usage: python benchmarks/bench_vs_commit.py --base COMMIT|DIR [--out DIR] [--shape B,T,H,D]
-       python benchmarks/bench_vs_commit.py --base COMMIT --check   (tiny shapes, any device: outputs
+       python benchmarks/bench_vs_commit.py --base COMMIT|DIR --check   (tiny shapes, any device: outputs
        of both trees against each other and the exact solve, no timing; with TRITON_INTERPRET=1 on CPU)
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_ops import relerr  # benchmarks/ is on the path as the script's directory
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops import kernels as ours
 
@@ -65,8 +67,20 @@ def make(B, T, H, D, device, corr=0.0, gate_bias=3.0, lamb=None):
     return q, k, v.to(dtype), g, beta, lamb
 
 
-def relerr(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+def cg_alone(tree, q, k, g, beta, lamb, steps: int):
+    """A closure that launches only the tree's forward CG kernel on states made once here, and the q* it
+    writes; for trees whose launch_chunk_cg / chunk_state_pass take the arguments they take at this
+    script's commit."""
+    cg = importlib.import_module(f"{tree.__name__}.chunk_cg")
+    states = importlib.import_module(f"{tree.__name__}.chunk_states")
+    B, T, H, D = k.shape
+    C = cg.chunk_len(64, D)
+    split_fp16 = cg._use_fp16_split()
+    z = torch.zeros(B, H, D, D, device=k.device)
+    hs, _ = states.chunk_state_pass(k, k, g, beta, z, C, False, 1.0, split_fp16)
+    x = torch.empty(B, T, H, D, device=k.device)
+    st = torch.empty(B, T, H, device=k.device, dtype=torch.int32)
+    return (lambda: cg.launch_chunk_cg(q, k, g, beta, lamb, hs, x, st, x, g, lamb, C, steps, 0.0, False)), x
 
 
 def accuracy(trees: dict, device: str, shape: tuple, steps_list: tuple) -> list[dict]:
@@ -106,6 +120,7 @@ def timings(trees: dict, shape: tuple) -> dict:
     res = {}
     for steps in (30, 10):
         for tag, tree in trees.items():
+            res[f"{tag}_cg_{steps}"] = ms(cg_alone(tree, q, k, g, beta, lamb, steps)[0])
             res[f"{tag}_fwd_{steps}"] = ms(lambda: tree.chunk_fwd(q, k, v, g, beta, lamb, z, z, 64, steps,
                                                                   0.0))
 
@@ -138,6 +153,14 @@ def main():
                     torch=torch.__version__)
         if a.check:
             result = dict(meta=meta, accuracy=accuracy(trees, device, (1, 70, 2, 32), (40,)))
+            torch.manual_seed(0)
+            q, k, _, g, beta, lamb = make(1, 70, 2, 32, device)
+            xs = {}
+            for tag, tree in trees.items():
+                launch, xs[tag] = cg_alone(tree, q, k, g, beta, lamb, 10)
+                launch()
+            result["cg_alone_q_star_tree_vs_base"] = relerr(xs["tree"], xs["base"])
+            print("CG kernel alone, q* of the tree vs the base:", result["cg_alone_q_star_tree_vs_base"])
         else:
             # our kernels launched as the mesa:: ops launch them in eager (no HOP dispatch per launch)
             from torch._library.triton import set_wrap_triton_enabled
@@ -148,12 +171,12 @@ def main():
     (out / "bench_vs_commit.json").write_text(json.dumps(result, indent=1))
     lines = [f"# bench_vs_commit: working tree vs {a.base}, {meta['card']}, torch {meta['torch']}", ""]
     if "timings" in result:
-        lines += ["| CG steps | base fwd | tree fwd | fla fwd | base fwd+bwd | tree fwd+bwd |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["| CG steps | base CG kernel | tree CG kernel | base fwd | tree fwd | fla fwd "
+                  "| base fwd+bwd | tree fwd+bwd |", "|---|---|---|---|---|---|---|---|"]
         t = result["timings"]
         for steps in (30, 10):
-            cells = [t.get(f"{key}_{steps}", float("nan")) for key in ("base_fwd", "tree_fwd", "fla_fwd",
-                                                                        "base_fwdbwd", "tree_fwdbwd")]
+            keys = ("base_cg", "tree_cg", "base_fwd", "tree_fwd", "fla_fwd", "base_fwdbwd", "tree_fwdbwd")
+            cells = [t.get(f"{key}_{steps}", float("nan")) for key in keys]
             lines.append(f"| {steps} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
         lines.append("")
     columns = [key for key in result["accuracy"][0] if key not in ("corr", "gate_bias")]
