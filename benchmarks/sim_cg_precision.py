@@ -13,12 +13,17 @@ directions rounded to bf16, x0 = bf16(Jacobi guess)). Variants of the lo product
   h16_l8    H_c as a scaled fp16 hi part (scale per (chunk, head); directions are exact in it) plus
             an fp8 lo part as in fp8_h; S as in bf16x2
   h16_l8_sk h16_l8 with S as in fp8_sk
+  s16       S as one scaled fp16 pass (power-of-two scale per token; keys exact in fp16), H_c as in
+            bf16x2
   single    no lo products (one pass each, like the reference kernels)
+  relax_T   bf16x2 while some row of the chunk has ||r|| > T ||r0||, single afterwards (chunk_cg.py's
+            relaxed matvecs; the mean number of relaxed steps is recorded too)
 fp32 accumulation is not modelled (its error is ~1e-7, below the 16-bit split). Inputs as
 bench_ops.py's accuracy rows: B=1 T=1024 H=4 K=V=128 bf16, lambda 0.25, random keys (gate bias 3) and
-keys normalize(3 u + noise) with one u per head and gate bias 6 (cond ~350). Error of q* and of
+keys normalize(3 u + noise) with one u per head and gate bias 6 (cond ~350), and normalize(6 u + noise)
+with gate bias 8 (cond ~850). Error of q* and of
 o = G_t^T q* against the exact fp64 solve of the same inputs.
-Writes <out>/sim_cg_precision.json and .md. Usage: python benchmarks/sim_cg_precision.py [--out DIR]
+Writes <out>/sim_cg_precision.json and .md. Usage: python benchmarks/sim_cg_precision.py [--out DIR] [--variants V ...]
 (about 2 minutes per variant set on 2 cores, 2-3 GB of memory).
 """
 from __future__ import annotations
@@ -36,7 +41,8 @@ from mesa_compile.ops import reference as ref
 B, T, H, D, C = 1, 1024, 4, 128, 32
 NT = T // C
 LAMB = 0.25
-VARIANTS = ("bf16x2", "fp8_h", "fp8_s", "fp8_sk", "h16_l8", "h16_l8_sk", "single")
+RELAX = {"relax_1e-3": 1e-3, "relax_1e-2": 1e-2}
+VARIANTS = ("bf16x2", "fp8_h", "fp8_s", "fp8_sk", "h16_l8", "h16_l8_sk", "s16", "single", *RELAX)
 STEPS = (10, 30)
 
 
@@ -101,6 +107,10 @@ def matvec(p: torch.Tensor, d: dict, variant: str) -> torch.Tensor:
     elif variant != "single":
         hp = hp + torch.einsum("hnij,hntj->hnti", bf16(h_lo), p)
     s = torch.einsum("hnti,hnsi->hnts", p, d["k"]) * d["m"]
+    if variant == "s16":
+        k16 = d["k"].to(torch.float16).to(torch.float64)
+        intra = torch.einsum("hnts,hnsi->hnti", scaled(s, (-1,), torch.float16), k16)
+        return d["eb"][..., None] * hp + intra + LAMB * p
     s_hi = bf16(s)
     intra = torch.einsum("hnts,hnsi->hnti", s_hi, d["k"])
     if variant == "fp8_s":
@@ -112,7 +122,7 @@ def matvec(p: torch.Tensor, d: dict, variant: str) -> torch.Tensor:
     return d["eb"][..., None] * hp + intra + LAMB * p
 
 
-def simulate(corr: float, gate_bias: float) -> dict:
+def simulate(corr: float, gate_bias: float, variants: tuple[str, ...] = VARIANTS) -> dict:
     d = chunked_inputs(corr, gate_bias)
     intra = torch.einsum("hnts,hnsi,hnsj->hntij", d["m"], d["k"], d["k"])
     h_t = d["eb"][..., None, None] * d["hc"][:, :, None] + intra + LAMB * torch.eye(D, dtype=torch.float64)
@@ -122,13 +132,19 @@ def simulate(corr: float, gate_bias: float) -> dict:
     row = dict(corr=corr, gate_bias=gate_bias, median_cond=torch.linalg.cond(h_t).median().item())
     diag = torch.diagonal(h_t, dim1=-2, dim2=-1)
     del h_t
-    for variant in VARIANTS:
+    for variant in variants:
         x = bf16(d["q"] / diag)
-        r = d["q"] - matvec(x, d, variant)
+        r = d["q"] - matvec(x, d, "bf16x2" if variant in RELAX else variant)
         p = bf16(r)
         rr, rp = (r * r).sum(-1), (r * p).sum(-1)
+        rr0, relaxed = rr, 0.0
         for step in range(1, max(STEPS) + 1):
-            ap = matvec(p, d, variant)
+            if variant in RELAX:
+                full = (rr > RELAX[variant] ** 2 * rr0).any(-1)  # per (head, chunk)
+                ap = torch.where(full[..., None, None], matvec(p, d, "bf16x2"), matvec(p, d, "single"))
+                relaxed += (~full).double().mean().item()
+            else:
+                ap = matvec(p, d, variant)
             pap = (p * ap).sum(-1)
             ok = pap > 0
             alpha = torch.where(ok, rp / torch.where(ok, pap, 1.0), 0.0)
@@ -142,6 +158,7 @@ def simulate(corr: float, gate_bias: float) -> dict:
             if step in STEPS:
                 row[f"{variant}_{step}_q"] = ((x - x_exact).norm() / x_exact.norm()).item()
                 row[f"{variant}_{step}_o"] = ((read_out(x, d) - o_exact).norm() / o_exact.norm()).item()
+                row[f"{variant}_{step}_relaxed"] = relaxed
         print(variant, {k: f"{v:.2e}" for k, v in row.items() if k.startswith(variant)}, flush=True)
     return row
 
@@ -149,17 +166,22 @@ def simulate(corr: float, gate_bias: float) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    out = Path(ap.parse_args().out)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    args = ap.parse_args()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [simulate(0.0, 3.0), simulate(3.0, 6.0)]
+    variants = tuple(args.variants)
+    rows = [simulate(corr, bias, variants) for corr, bias in ((0.0, 3.0), (3.0, 6.0), (6.0, 8.0))]
     (out / "sim_cg_precision.json").write_text(json.dumps(rows, indent=1))
     lines = ["# CG precision simulation (fp64, CPU): rel. error of o (of q*) against the exact solve", "",
              "| keys | median cond | lo products | " + " | ".join(f"{s} steps" for s in STEPS) + " |",
              "|---|---|---|" + "---|" * len(STEPS)]
     for row in rows:
-        keys = "random" if row["corr"] == 0 else "correlated"
-        for variant in VARIANTS:
+        keys = "random" if row["corr"] == 0 else f"correlated ({row['corr']:g}, gate bias {row['gate_bias']:g})"
+        for variant in variants:
             cells = [f"{row[f'{variant}_{s}_o']:.2e} ({row[f'{variant}_{s}_q']:.2e})" for s in STEPS]
+            if variant in RELAX:
+                cells = [f"{c}, {row[f'{variant}_{s}_relaxed']:.1f} relaxed" for c, s in zip(cells, STEPS)]
             lines.append(f"| {keys} | {row['median_cond']:.0f} | {variant} | " + " | ".join(cells) + " |")
     (out / "sim_cg_precision.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

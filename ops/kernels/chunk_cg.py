@@ -30,6 +30,14 @@ K=128, rel. error of o vs the exact solve): 10 steps 5.7e-5 (unrounded CG 2.3e-7
 (4.8e-15). alpha = r.r / p~.A p~ instead diverged in the interpreter, whose fp16 directions underflow
 once r is tiny. The Jacobi x0 is rounded to the split dtype too (one matvec for its residual; zero
 steps keep it unrounded, with the residual A(x_hi) + A(x_lo)); the read-out uses 3-pass splits.
+NOTE (relaxed matvecs): once every active row of a chunk has ||r|| <= CG_RELAX ||r0||, its matvecs run
+one pass per product (H_c hi, S hi, keys hi: fla's cost). A matvec error E p~ enters x only through
+that step's update alpha p~, and the updates shrink with the residual, so the later steps may carry
+larger errors (relaxation in inexact Krylov methods): the recursive r then drifts from the true
+residual by ~2^-9 ||A|| times the sum of the relaxed updates, ~2^-9 ||A|| ||x - x_k|| (the error left
+when relaxing starts). fp64 simulation (benchmarks/sim_cg_precision.py, o vs the exact solve, 30 steps,
+all lo passes / relaxed at 1e-3): cond ~5 4.05e-6 / 4.08e-6, cond ~350 5.70e-5 / 5.72e-5, cond ~850
+1.80e-4 / 1.87e-4, with 21-23 of the 30 steps relaxed; at 1e-2 cond ~850 lost 2.6x (4.7e-4).
 """
 from __future__ import annotations
 
@@ -46,6 +54,9 @@ from .chunk_states import chunk_state_pass
 # H_c from memory by row blocks passed the interpreter but faulted on an H200 (illegal address inside
 # the CG loop, K = 144 and 256) and was removed.
 CHUNK_K_MAX = 128
+
+# Relative residual ||r|| / ||r0|| below which a chunk's CG matvecs run one pass per product (module NOTE).
+CG_RELAX = 1e-3
 
 
 def check_key_size(K: int) -> None:
@@ -68,13 +79,22 @@ def _add_pair(a0, b0, a1, b1):
 
 
 @triton.jit
-def _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
+def _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, full,
             K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
-    """A(P)^T (BK, C) fp32 for directions P^T (BK, C) given in the split dtype (exact there)."""
-    st = mm_pre(k_hi, k_lo, pt, pt, K_EXACT, True) * mdec_t  # (C, C) S^T
-    w = mm_pre(h_hi, h_lo, pt, pt, False, True)  # (BK, C) H_c P^T
+    """A(P)^T (BK, C) fp32 for directions P^T (BK, C) given in the split dtype (exact there). full: with
+    the lo passes of H_c, S and inexact keys; otherwise one pass per product (module NOTE, relaxed)."""
+    if full:
+        st = mm_pre(k_hi, k_lo, pt, pt, K_EXACT, True)
+        w = mm_pre(h_hi, h_lo, pt, pt, False, True)  # (BK, C) H_c P^T
+    else:
+        st = tl.dot(k_hi, pt)
+        w = tl.dot(h_hi, pt)
+    st = st * mdec_t  # (C, C) S^T
     st_hi = split_hi(st, SPLIT_FP16)
-    w = mm_pre(kt_hi, kt_lo, st_hi, split_lo(st, st_hi, SPLIT_FP16), K_EXACT, False, w * eb[None, :])
+    if full:
+        w = mm_pre(kt_hi, kt_lo, st_hi, split_lo(st, st_hi, SPLIT_FP16), K_EXACT, False, w * eb[None, :])
+    else:
+        w = tl.dot(kt_hi, st_hi, w * eb[None, :])
     return w + lamb[:, None] * pt.to(tl.float32)
 
 
@@ -93,6 +113,7 @@ def _chunk_cg_kernel(
     dlamb_ptr,  # (B, NT, H, K) fp32 bwd out
     T, H, K, NT, cg_steps, cg_tol,
     C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
+    RELAX: tl.constexpr,
 ):
     pid_c, bb, hh, cols, tm, tok = chunk_tokens(T, H, C)
     cg_tol = tl.cast(cg_tol, tl.float32)
@@ -132,12 +153,12 @@ def _chunk_cg_kernel(
     # of x0. Zero steps keep the unrounded guess, as the reference and the decode kernel do.
     x = rhs / diag
     x_hi = split_hi(x, SPLIT_FP16)
-    r = rhs - _matvec(x_hi, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+    r = rhs - _matvec(x_hi, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, True, K_EXACT, SPLIT_FP16)
     if cg_steps > 0:
         x = x_hi.to(tl.float32)
     else:
         r = r - _matvec(split_lo(x, x_hi, SPLIT_FP16), k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
-                        K_EXACT, SPLIT_FP16)
+                        True, K_EXACT, SPLIT_FP16)
     pt = split_hi(r, SPLIT_FP16)
     d = tl.sum(r * r, 0)  # (C,)
     d0 = d
@@ -146,7 +167,9 @@ def _chunk_cg_kernel(
     it = 0
     n_active = tl.sum(active.to(tl.int32), 0)
     while (it < cg_steps) & (n_active > 0):
-        w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, K_EXACT, SPLIT_FP16)
+        # the lo passes while some active row's residual is above RELAX of its initial one
+        full = tl.sum((active & (d > RELAX * RELAX * d0)).to(tl.int32), 0) > 0
+        w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, full, K_EXACT, SPLIT_FP16)
         pf = pt.to(tl.float32)
         # p~.A p~ and r.p~ in one cross-warp reduction (r.p~ does not wait for the matvec)
         pw, rp = tl.reduce((pf * w, r * pf), 0, _add_pair)
@@ -191,10 +214,11 @@ def _use_fp16_split() -> bool:
 
 def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
                     chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
-                    num_warps: int | None = None) -> None:
+                    num_warps: int | None = None, relax: float = CG_RELAX) -> None:
     """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel; the
     outputs of the other direction are not touched). num_warps: None picks the default (8 for
-    64-row chunks of K > 64, else 4); benchmarks pass others."""
+    64-row chunks of K > 64, else 4); relax: residual ratio below which a chunk's matvecs drop their
+    lo passes (0: never). Benchmarks pass others."""
     B, T, H, K = k.shape
     NT = triton.cdiv(T, chunk_size)
     split_fp16 = _use_fp16_split()
@@ -203,7 +227,7 @@ def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
     torch.library.wrap_triton(_chunk_cg_kernel)[(NT, B * H)](
         rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
         T, H, K, NT, cg_steps, cg_tol,
-        C=chunk_size, BK=BK, BWD=bwd, K_EXACT=k.dtype == split_dt, SPLIT_FP16=split_fp16,
+        C=chunk_size, BK=BK, BWD=bwd, K_EXACT=k.dtype == split_dt, SPLIT_FP16=split_fp16, RELAX=relax,
         num_warps=num_warps or (8 if BK >= 128 and chunk_size >= 64 else 4),
     )
 
