@@ -168,7 +168,10 @@ def _chunk_cg_kernel(
     n_active = tl.sum(active.to(tl.int32), 0)
     while (it < cg_steps) & (n_active > 0):
         # the lo passes while some active row's residual is above RELAX of its initial one
-        full = tl.sum((active & (d > RELAX * RELAX * d0)).to(tl.int32), 0) > 0
+        if RELAX > 0:
+            full = tl.sum((active & (d > RELAX * RELAX * d0)).to(tl.int32), 0) > 0
+        else:
+            full = True
         w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, full, K_EXACT, SPLIT_FP16)
         pf = pt.to(tl.float32)
         # p~.A p~ and r.p~ in one cross-warp reduction (r.p~ does not wait for the matvec)
