@@ -23,7 +23,8 @@ bench_ops.py's accuracy rows: B=1 T=1024 H=4 K=V=128 bf16, lambda 0.25, random k
 keys normalize(3 u + noise) with one u per head and gate bias 6 (cond ~350), and normalize(6 u + noise)
 with gate bias 8 (cond ~850). Error of q* and of
 o = G_t^T q* against the exact fp64 solve of the same inputs.
-Writes <out>/sim_cg_precision.json and .md. Usage: python benchmarks/sim_cg_precision.py [--out DIR] [--variants V ...]
+Writes <out>/sim_cg_precision.json and .md.
+Usage: python benchmarks/sim_cg_precision.py [--out DIR] [--variants V ...]
 (about 2 minutes per variant set on 2 cores, 2-3 GB of memory).
 """
 from __future__ import annotations
@@ -177,7 +178,7 @@ def main():
              "| keys | median cond | lo products | " + " | ".join(f"{s} steps" for s in STEPS) + " |",
              "|---|---|---|" + "---|" * len(STEPS)]
     for row in rows:
-        keys = "random" if row["corr"] == 0 else f"correlated ({row['corr']:g}, gate bias {row['gate_bias']:g})"
+        keys = "random" if row["corr"] == 0 else f"correlated ({row['corr']:g}, bias {row['gate_bias']:g})"
         for variant in variants:
             cells = [f"{row[f'{variant}_{s}_o']:.2e} ({row[f'{variant}_{s}_q']:.2e})" for s in STEPS]
             if variant in RELAX:
