@@ -1,0 +1,100 @@
+"""Compile report of the chunk CG kernel for sm_90a without a GPU: registers, spills and, per loop of the
+disassembled code, its instruction mix (wgmma, mma.sync, barriers, shuffles, spill loads and stores).
+
+It compiles with the installed triton and the ptxas it picks for sm_90a (cuobjdump beside it), so the
+report is the GPU's code only when the installed triton is the GPU machine's version (3.6.0 with its
+ptxas 12.8 at the time of writing; benchmarks/NOTES-kernels.md round 9). Writes <out>/sass_report.json and .md.
+Usage: python benchmarks/sass_report.py [--out DIR] [--relax R ...] [--warps N] [--chunk C] [--bk BK]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from mesa_compile.ops.kernels import chunk_cg
+
+COUNTED = {"instructions": r".", "HGMMA": r"HGMMA", "HMMA": r"HMMA", "BAR.SYNC": r"BAR\.SYNC",
+           "SHFL": r"SHFL", "STS": r"STS", "LDS": r"LDS", "STL": r"STL", "LDL": r"LDL", "MUFU": r"MUFU"}
+
+
+def compile_cg(chunk: int, bk: int, warps: int, relax: float) -> triton.compiler.CompiledKernel:
+    """The forward CG kernel for bf16 q/k and bf16 (hi, lo) states, as launch_chunk_cg launches it."""
+    fn = chunk_cg._chunk_cg_kernel
+    types = {"rhs_ptr": "*bf16", "k_ptr": "*bf16", "hs_ptr": "*bf16", "steps_ptr": "*i32", "cg_tol": "fp32"}
+    consts = dict(C=chunk, BK=bk, BWD=False, K_EXACT=True, SPLIT_FP16=False, RELAX=relax)
+    signature = {name: "constexpr" if name in consts else types.get(name, "*fp32" if name.endswith("_ptr")
+                                                                       else "i32")
+                 for name in fn.arg_names}
+    pointers = [i for i, name in enumerate(fn.arg_names) if name.endswith("_ptr")]
+    src = ASTSource(fn, signature, consts, attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def loops(sass: str) -> list[dict]:
+    """Instruction counts of each backward-branch range (a loop body) of a disassembly."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    found = []
+    for i, (addr, text) in enumerate(code):
+        m = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
+            body = [t for _, t in code[index[int(m.group(1), 16)]:i + 1]]
+            found.append({key: sum(1 for t in body if re.search(pat, t)) for key, pat in COUNTED.items()})
+    return found
+
+
+def report(chunk: int, bk: int, warps: int, relax: float) -> dict:
+    kernel = compile_cg(chunk, bk, warps, relax)
+    ptxas = get_ptxas(90)  # the assembler triton itself picks for sm_90a
+    cuobjdump = Path(ptxas.path).parent / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(kernel.asm["ptx"])
+        info = subprocess.run([ptxas.path, "-arch=sm_90a", "-v", str(ptx), "-o", str(cubin)],
+                              capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    num = lambda pat: int(re.search(pat, info).group(1))  # noqa: E731
+    return dict(chunk=chunk, bk=bk, warps=warps, relax=relax, ptxas=ptxas.version,
+                shared_bytes=kernel.metadata.shared,
+                registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+                spill_loads=num(r"(\d+) bytes spill loads"), loops=loops(sass))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--relax", type=float, nargs="+", default=[0.0, chunk_cg.CG_RELAX])
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--bk", type=int, default=128)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [report(a.chunk, a.bk, a.warps, relax) for relax in a.relax]
+    (out / "sass_report.json").write_text(json.dumps(dict(triton=triton.__version__, rows=rows), indent=1))
+    title = (f"# CG kernel for sm_90a, triton {triton.__version__}, ptxas {rows[0]['ptxas']} "
+             f"(C={a.chunk}, BK={a.bk}, {a.warps} warps)")
+    lines = [title, "", "| relax | registers | spill stores / loads, B | shared, B | loop | "
+             + " | ".join(COUNTED) + " |", "|---|---|---|---|---|" + "---|" * len(COUNTED)]
+    for row in rows:
+        head = f"| {row['relax']:g} | {row['registers']} | {row['spill_stores']} / {row['spill_loads']} "
+        for n, loop in enumerate(row["loops"]):
+            counts = " | ".join(str(loop[k]) for k in COUNTED)
+            lines.append(head + f"| {row['shared_bytes']} | {n} | {counts} |")
+    (out / "sass_report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
