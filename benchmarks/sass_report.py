@@ -3,7 +3,8 @@ disassembled code, its instruction mix (wgmma, mma.sync, barriers, shuffles, spi
 
 It compiles with the installed triton and the ptxas it picks for sm_90a (cuobjdump beside it), so the
 report is the GPU's code only when the installed triton is the GPU machine's version (3.6.0 with its
-ptxas 12.8 at the time of writing; benchmarks/NOTES-kernels.md round 9). Writes <out>/sass_report.json and .md.
+ptxas 12.8 at the time of writing; benchmarks/NOTES-kernels.md round 9).
+Writes <out>/sass_report.json and .md.
 Usage: python benchmarks/sass_report.py [--out DIR] [--relax R ...] [--warps N] [--chunk C] [--bk BK]
 """
 from __future__ import annotations
