@@ -1,10 +1,10 @@
 """The CG kernel's relaxed matvecs (chunk_cg.py NOTE): time and accuracy against the relaxation threshold.
 
-Times `launch_chunk_cg` alone (states made once) at several `relax` values, 10 and 30 steps, inputs like
-bench_ops.py's (B=8 T=2048 H=16 K=V=128 bf16), with q* of each against relax = 0 (every lo pass; the
-kernel compiles to the code it had before relaxation); then the relative error of o (fp32) against the
-exact fp64 solve on random, cond ~400 and cond ~850 heads (B=1 T=1024 H=4), each relax value through
-chunk_fwd. One process, one card. Writes <out>/bench_cg_relax.json and .md.
+Times `launch_chunk_cg` alone (bench_vs_commit.cg_alone) at several `relax` values, 10 and 30 steps,
+inputs like bench_ops.py's (B=8 T=2048 H=16 K=V=128 bf16), with q* of each against relax = 0 (every
+lo pass; the kernel compiles to the code it had before relaxation); then the relative error of o (fp32)
+against the exact fp64 solve on random, cond ~400 and cond ~850 heads (B=1 T=1024 H=4), each relax
+value through chunk_fwd. One process, one card. Writes <out>/bench_cg_relax.json and .md.
 Usage: python benchmarks/bench_cg_relax.py [--out DIR]
        python benchmarks/bench_cg_relax.py --check   (tiny shapes, accuracy only; CPU with
        TRITON_INTERPRET=1)
@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from bench_ops import relerr  # benchmarks/ is on the path as the script's directory
-from bench_vs_commit import make
+from bench_vs_commit import cg_alone, make
+from mesa_compile.ops import kernels
 from mesa_compile.ops import reference as ref
-from mesa_compile.ops.kernels import chunk_cg, chunk_fwd
-from mesa_compile.ops.kernels.chunk_states import chunk_state_pass
 
 RELAXES = (0.0, 1e-3, 1e-2, 1.0)
 REGIMES = {"random": {}, "cond ~400": dict(corr=3.0, gate_bias=6.0, lamb=0.25),
@@ -34,20 +33,11 @@ def timings(shape: tuple) -> dict:
 
     torch.manual_seed(0)
     q, k, _, g, beta, lamb = make(*shape, "cuda")
-    B, T, H, D = shape
-    C = chunk_cg.chunk_len(64, D)
-    hs, _ = chunk_state_pass(k, k, g, beta, torch.zeros(B, H, D, D, device="cuda"), C, False, 1.0, False)
-    steps_out = torch.empty(B, T, H, device="cuda", dtype=torch.int32)
     res = {}
     for steps in (10, 30):
         xs = {}
         for relax in RELAXES:
-            x = torch.empty(B, T, H, D, device="cuda")
-
-            def launch():
-                chunk_cg.launch_chunk_cg(q, k, g, beta, lamb, hs, x, steps_out, x, g, lamb, C, steps, 0.0,
-                                         False, relax=relax)
-
+            launch, x = cg_alone(kernels, q, k, g, beta, lamb, steps, relax=relax)
             res[f"cg{steps}_relax{relax:g}_ms"] = do_bench(launch, warmup=25, rep=100, return_mode="median")
             launch()
             xs[relax] = x
@@ -57,23 +47,19 @@ def timings(shape: tuple) -> dict:
 
 
 def accuracy(device: str, shape: tuple) -> dict:
-    """o (fp32) against the exact solve at each relax value (the launcher's default swapped for the call)."""
-    default = chunk_cg.launch_chunk_cg.__defaults__
+    """o (fp32) against the exact solve at each relax value."""
     res = {}
-    try:
-        for name, kw in REGIMES.items():
-            torch.manual_seed(0)
-            q, k, v, g, beta, lamb = make(*shape, device, **kw)
-            z = torch.zeros(shape[0], shape[2], shape[3], shape[3], device=device)
-            exact = ref.exact_recurrence(*(t.double() for t in (q, k, v, g, beta, lamb, z, z)))[0]
-            for relax in RELAXES:
-                chunk_cg.launch_chunk_cg.__defaults__ = (default[0], relax)
-                for steps in (10, 30):
-                    o = chunk_fwd(q, k, v, g, beta, lamb, z, z, 64, steps, 0.0, out_dtype=torch.float32)[0]
-                    res[f"{name}|{relax:g}|{steps}"] = relerr(o, exact)
-            print(json.dumps({key: val for key, val in res.items() if key.startswith(name)}), flush=True)
-    finally:
-        chunk_cg.launch_chunk_cg.__defaults__ = default
+    for name, kw in REGIMES.items():
+        torch.manual_seed(0)
+        q, k, v, g, beta, lamb = make(*shape, device, **kw)
+        z = torch.zeros(shape[0], shape[2], shape[3], shape[3], device=device)
+        exact = ref.exact_recurrence(*(t.double() for t in (q, k, v, g, beta, lamb, z, z)))[0]
+        for relax in RELAXES:
+            for steps in (10, 30):
+                o = kernels.chunk_fwd(q, k, v, g, beta, lamb, z, z, 64, steps, 0.0, out_dtype=torch.float32,
+                                      relax=relax)[0]
+                res[f"{name}|{relax:g}|{steps}"] = relerr(o, exact)
+        print(json.dumps({key: val for key, val in res.items() if key.startswith(name)}), flush=True)
     return res
 
 

@@ -67,10 +67,10 @@ def make(B, T, H, D, device, corr=0.0, gate_bias=3.0, lamb=None):
     return q, k, v.to(dtype), g, beta, lamb
 
 
-def cg_alone(tree, q, k, g, beta, lamb, steps: int):
+def cg_alone(tree, q, k, g, beta, lamb, steps: int, **launch_kw):
     """A closure that launches only the tree's forward CG kernel on states made once here, and the q* it
     writes; for trees whose launch_chunk_cg / chunk_state_pass take the arguments they take at this
-    script's commit."""
+    script's commit (launch_kw: further keywords of the tree's launch_chunk_cg)."""
     cg = importlib.import_module(f"{tree.__name__}.chunk_cg")
     states = importlib.import_module(f"{tree.__name__}.chunk_states")
     B, T, H, D = k.shape
@@ -80,7 +80,8 @@ def cg_alone(tree, q, k, g, beta, lamb, steps: int):
     hs, _ = states.chunk_state_pass(k, k, g, beta, z, C, False, 1.0, split_fp16)
     x = torch.empty(B, T, H, D, device=k.device)
     st = torch.empty(B, T, H, device=k.device, dtype=torch.int32)
-    return (lambda: cg.launch_chunk_cg(q, k, g, beta, lamb, hs, x, st, x, g, lamb, C, steps, 0.0, False)), x
+    return (lambda: cg.launch_chunk_cg(q, k, g, beta, lamb, hs, x, st, x, g, lamb, C, steps, 0.0, False,
+                                       **launch_kw)), x
 
 
 def accuracy(trees: dict, device: str, shape: tuple, steps_list: tuple) -> list[dict]:

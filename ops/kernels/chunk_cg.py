@@ -239,7 +239,7 @@ def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
 
 def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               lamb: torch.Tensor, h_kk: torch.Tensor, h_kv: torch.Tensor, chunk_size: int, cg_steps: int,
-              cg_tol: float, *, out_dtype: torch.dtype | None = None
+              cg_tol: float, *, out_dtype: torch.dtype | None = None, relax: float = CG_RELAX
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunkwise MesaNet forward with Triton kernels.
 
@@ -247,6 +247,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     lamb: (H, K) fp32; h_kk (B, H, K, K), h_kv (B, H, K, V): fp32 initial state.
     Returns o (B, T, H, V) in out_dtype (default v.dtype), q* (B, T, H, K) fp32, final h_kk, h_kv
     (fp32), steps (B, T, H) int32. o is computed in fp32; out_dtype=torch.float32 keeps it unrounded.
+    relax: residual ratio below which the CG matvecs drop their lo passes (module NOTE; 0: never).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -262,6 +263,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
-    launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False)
+    launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False,
+                    relax=relax)
     h_kv_out = chunk_readout(x, k, v, g32, b32, h_kv.float().contiguous(), o, split_fp16)
     return o, x, h_kk_out, h_kv_out, steps
