@@ -57,6 +57,10 @@ from .chunk_states import chunk_state_pass
 # the CG loop, K = 144 and 256) and was removed.
 CHUNK_K_MAX = 128
 
+# Chunks between stored H states: the CG programs of the chunks in between add the chunks since the
+# stored state to it in their prologue (module NOTE).
+STATE_EVERY = 2
+
 # Relative residual ||r|| / ||r0|| below which a chunk's CG matvecs run one pass per product (module NOTE).
 CG_RELAX = 1e-3
 
@@ -107,13 +111,13 @@ def _chunk_cg_kernel(
     g_ptr,  # (B, T, H) fp32
     beta_ptr,  # (B, T, H) fp32
     lamb_ptr,  # (H, K) fp32
-    hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype
+    hs_ptr,  # (B, NS, H, 2, K, K) H at every `every`-th chunk start as (hi, lo) in the split dtype
     x_ptr,  # (B, T, H, K) fp32: fwd out q*, bwd in q*
     steps_ptr,  # (B, T, H) int32 fwd out
     u_ptr,  # (B, T, H, K) fp32 bwd out
     dc_ptr,  # (B, T, H) fp32 bwd out
     dlamb_ptr,  # (B, NT, H, K) fp32 bwd out
-    T, H, K, NT, cg_steps, cg_tol,
+    T, H, K, NT, NS, every, cg_steps, cg_tol,
     C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
     RELAX: tl.constexpr,
 ):
@@ -123,7 +127,8 @@ def _chunk_cg_kernel(
     ik = tl.arange(0, BK)
     km = ik < K
     kc = km[:, None] & tm[None, :]  # (BK, C)
-    hbase = ((bb * NT + pid_c) * H + hh) * 2 * K * K
+    c_stored = pid_c - pid_c % every  # the chunk whose start state the state pass stored
+    hbase = ((bb * NS + pid_c // every) * H + hh) * 2 * K * K
 
     g = tl.load(g_ptr + tok, mask=tm, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + tok, mask=tm, other=0.0).to(tl.float32)
@@ -139,12 +144,30 @@ def _chunk_cg_kernel(
     k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
     kt_hi = tl.trans(k_hi)
     kt_lo = tl.trans(k_lo)
-    # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory
     hkk = ik[:, None] * K + ik[None, :]
-    h_hi = tl.load(hs_ptr + hbase + hkk, mask=km[:, None] & km[None, :], other=0.0)  # (BK, BK)
-    h_lo = tl.load(hs_ptr + hbase + K * K + hkk, mask=km[:, None] & km[None, :], other=0.0)
+    hmask = km[:, None] & km[None, :]
     hdiag = (tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0).to(tl.float32)
              + tl.load(hs_ptr + hbase + K * K + ik * (K + 1), mask=km, other=0.0).to(tl.float32))  # (BK,)
+    if c_stored == pid_c:
+        # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory
+        h_hi = tl.load(hs_ptr + hbase + hkk, mask=hmask, other=0.0)  # (BK, BK)
+        h_lo = tl.load(hs_ptr + hbase + K * K + hkk, mask=hmask, other=0.0)
+    else:
+        # H_c from the stored state and the chunks since, the state pass's update term for term
+        hf = (tl.load(hs_ptr + hbase + hkk, mask=hmask, other=0.0).to(tl.float32)
+              + tl.load(hs_ptr + hbase + K * K + hkk, mask=hmask, other=0.0).to(tl.float32))
+        for c in range(c_stored, pid_c):
+            tok_c = tok + (c - pid_c) * C * H
+            g_c = tl.load(g_ptr + tok_c).to(tl.float32)  # chunks before pid_c are whole
+            b_c = tl.cumsum(g_c, 0)
+            e_last = tl.exp(tl.sum(g_c, 0))
+            w_c = tl.exp(tl.sum(g_c, 0) - b_c) * tl.load(beta_ptr + tok_c).to(tl.float32)
+            k_c = tl.load(k_ptr + tok_c[:, None] * K + ik[None, :], mask=km[None, :], other=0.0)  # (C, BK)
+            kw_c = k_c.to(tl.float32) * w_c[:, None]
+            hf = e_last * hf + mm(tl.trans(kw_c), k_c, False, K_EXACT, SPLIT_FP16)
+            hdiag = e_last * hdiag + tl.sum(kw_c * k_c.to(tl.float32), 0)
+        h_hi = split_hi(hf, SPLIT_FP16)
+        h_lo = split_lo(hf, h_hi, SPLIT_FP16)
     diag = mm(tl.trans(kf * kf), mdec_t, False, False, SPLIT_FP16) + hdiag[:, None] * eb[None, :]
     diag = diag + lamb[:, None]  # (BK, C)
 
@@ -219,19 +242,23 @@ def _use_fp16_split() -> bool:
 
 def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
                     chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
-                    num_warps: int | None = None, relax: float = CG_RELAX) -> None:
+                    num_warps: int | None = None, relax: float = CG_RELAX, every: int = STATE_EVERY) -> None:
     """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel; the
-    outputs of the other direction are not touched). num_warps: None picks the default (8 for
-    64-row chunks of K > 64, else 4); relax: residual ratio below which a chunk's matvecs drop their
-    lo passes (0: never). Benchmarks pass others."""
+    outputs of the other direction are not touched). hs: H at every `every`-th chunk start (a state
+    pass with that `every`). num_warps: None picks the default (8 for 64-row chunks of K > 64, else 4);
+    relax: residual ratio below which a chunk's matvecs drop their lo passes (0: never). Benchmarks
+    pass others."""
     B, T, H, K = k.shape
     NT = triton.cdiv(T, chunk_size)
+    if hs.shape[1] != triton.cdiv(NT, every):
+        raise ValueError(f"hs holds {hs.shape[1]} states, a state pass with every={every} gives "
+                         f"{triton.cdiv(NT, every)}")
     split_fp16 = _use_fp16_split()
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     BK = max(16, triton.next_power_of_2(K))
     torch.library.wrap_triton(_chunk_cg_kernel)[(NT, B * H)](
         rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
-        T, H, K, NT, cg_steps, cg_tol,
+        T, H, K, NT, hs.shape[1], every, cg_steps, cg_tol,
         C=chunk_size, BK=BK, BWD=bwd, K_EXACT=k.dtype == split_dt, SPLIT_FP16=split_fp16, RELAX=relax,
         num_warps=num_warps or (8 if BK >= 128 and chunk_size >= 64 else 4),
     )
@@ -239,7 +266,8 @@ def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
 
 def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               lamb: torch.Tensor, h_kk: torch.Tensor, h_kv: torch.Tensor, chunk_size: int, cg_steps: int,
-              cg_tol: float, *, out_dtype: torch.dtype | None = None, relax: float = CG_RELAX
+              cg_tol: float, *, out_dtype: torch.dtype | None = None, relax: float = CG_RELAX,
+              state_every: int = STATE_EVERY
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunkwise MesaNet forward with Triton kernels.
 
@@ -248,6 +276,7 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     Returns o (B, T, H, V) in out_dtype (default v.dtype), q* (B, T, H, K) fp32, final h_kk, h_kv
     (fp32), steps (B, T, H) int32. o is computed in fp32; out_dtype=torch.float32 keeps it unrounded.
     relax: residual ratio below which the CG matvecs drop their lo passes (module NOTE; 0: never).
+    state_every: chunks between the H states the state pass stores (module NOTE).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -259,11 +288,11 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     lamb = lamb.float().contiguous()
     split_fp16 = _use_fp16_split()
     hs, h_kk_out = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), chunk_size, False, 1.0,
-                                    split_fp16)
+                                    split_fp16, every=state_every)
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
     launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False,
-                    relax=relax)
+                    relax=relax, every=state_every)
     h_kv_out = chunk_readout(x, k, v, g32, b32, h_kv.float().contiguous(), o, split_fp16)
     return o, x, h_kk_out, h_kv_out, steps
