@@ -52,7 +52,8 @@ def timings(shape: tuple) -> dict:
     for knob, value in VARIANTS:
         if knob == "every":
             res[f"state_{label(knob, value)}_ms"] = ms(
-                lambda: chunk_state_pass(k, k, g, beta, z, chunk_len(64, D), False, 1.0, False, every=value))
+                lambda: chunk_state_pass(k, k, g, beta, z, chunk_len(64, D), False, 1.0, False, every=value,
+                                         compact=False))
     for steps in (10, 30):
         first = {}
         for knob, value in VARIANTS:

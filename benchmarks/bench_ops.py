@@ -55,10 +55,10 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     z = torch.zeros(B, H, K, K, device="cuda")
     zkv = torch.zeros(B, H, K, v.shape[-1], device="cuda")
     res = {"chunk": C}
-    # the H states the CG kernels take (every STATE_EVERY-th chunk)
-    res["state_H_ms"] = ms(lambda: chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False,
-                                                    every=STATE_EVERY))
-    hs, _ = chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False, every=STATE_EVERY)
+    # the H states the CG kernels take (every STATE_EVERY-th chunk, in slots for all chunks)
+    states = dict(every=STATE_EVERY, compact=False)
+    res["state_H_ms"] = ms(lambda: chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False, **states))
+    hs, _ = chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False, **states)
     x = torch.empty(B, T, H, K, device="cuda")
     o = torch.empty_like(v)
     st = torch.empty(B, T, H, device="cuda", dtype=torch.int32)

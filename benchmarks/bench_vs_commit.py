@@ -80,7 +80,7 @@ def cg_alone(tree, q, k, g, beta, lamb, steps: int, **launch_kw):
     z = torch.zeros(B, H, D, D, device=k.device)
     every = launch_kw.get("every", getattr(cg, "STATE_EVERY", 1))
     hs, _ = states.chunk_state_pass(k, k, g, beta, z, C, False, 1.0, split_fp16,
-                                    **(dict(every=every) if every != 1 else {}))
+                                    **(dict(every=every, compact=False) if every != 1 else {}))
     x = torch.empty(B, T, H, D, device=k.device)
     st = torch.empty(B, T, H, device=k.device, dtype=torch.int32)
     return (lambda: cg.launch_chunk_cg(q, k, g, beta, lamb, hs, x, st, x, g, lamb, C, steps, 0.0, False,

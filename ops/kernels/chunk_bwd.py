@@ -143,7 +143,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dh_kv = dh_kv.float().contiguous()
 
     hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16,
-                                 every=STATE_EVERY)
+                                 every=STATE_EVERY, compact=False)
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
     u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)
