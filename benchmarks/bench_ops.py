@@ -26,7 +26,7 @@ from triton.testing import do_bench
 
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
-from mesa_compile.ops.kernels.chunk_cg import STATE_EVERY, chunk_len, launch_chunk_cg
+from mesa_compile.ops.kernels.chunk_cg import chunk_len, launch_chunk_cg
 from mesa_compile.ops.kernels.chunk_output import chunk_readout, chunk_readout_adjoint
 from mesa_compile.ops.kernels.chunk_states import chunk_state_pass
 
@@ -55,10 +55,8 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     z = torch.zeros(B, H, K, K, device="cuda")
     zkv = torch.zeros(B, H, K, v.shape[-1], device="cuda")
     res = {"chunk": C}
-    # the H states the CG kernels take (every STATE_EVERY-th chunk, in slots for all chunks)
-    states = dict(every=STATE_EVERY, compact=False)
-    res["state_H_ms"] = ms(lambda: chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False, **states))
-    hs, _ = chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False, **states)
+    res["state_H_ms"] = ms(lambda: chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False))
+    hs, _ = chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False)
     x = torch.empty(B, T, H, K, device="cuda")
     o = torch.empty_like(v)
     st = torch.empty(B, T, H, device="cuda", dtype=torch.int32)

@@ -1,5 +1,4 @@
-"""Read-out segment lengths (one scan ... one chunk per program) and state-pass tiles 64 x 64 vs 32 x 32,
-across batch x heads.
+"""Read-out by scan vs from a G state pass, and state-pass tiles 64 x 64 vs 32 x 32, across batch x heads.
 
 The data behind the launchers' choices in ops/kernels/chunk_output.py and chunk_states.py (both
 depend on how many programs there are per streaming multiprocessor). K = V = 128, bf16, chunk 32;
@@ -23,8 +22,6 @@ from triton.testing import do_bench
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.kernels import chunk_output, chunk_states
 
-# chunks per read-out program: one scan, fixed lengths, and what the launcher picks
-SEGMENTS = ("scan", 16, 8, 4, 2, 1, "picked")
 SHAPES = (
     (1, 8192, 4),
     (4, 4096, 4),
@@ -52,23 +49,18 @@ def measure(B: int, T: int, H: int, D: int = 128) -> dict:
     o1, o2 = torch.empty_like(v), torch.empty_like(v)
     d1, d2 = torch.empty_like(x), torch.empty_like(x)
     r = dict(B=B, T=T, H=H)
-    n_chunks = triton.cdiv(T, chunk_output.READOUT_CHUNK)
-    scan = dict(seg=n_chunks)
-    chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False, **scan)
-    chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1, False, **scan)
-    # what the launchers pick: 2 G blocks per head in both kernels at K = V = 128
-    r["picked"] = chunk_output.readout_segment(2 * B * H, n_chunks, kn.device)
-    for name in SEGMENTS:
-        seg = dict(seg=name) if isinstance(name, int) else scan if name == "scan" else {}
-        chunk_output.chunk_readout(x, kn, v, g, beta, h0, o2, False, **seg)
-        chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d2, False, **seg)
-        r[f"o_rel_{name}"] = ((o2.float() - o1.float()).norm() / o1.float().norm()).item()
-        r[f"dx_rel_{name}"] = ((d2 - d1).norm() / d1.norm()).item()
-        r[f"readout_{name}_ms"] = ms(
-            lambda: chunk_output.chunk_readout(x, kn, v, g, beta, h0, o2, False, **seg)
+    chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False, scan=True)
+    chunk_output.chunk_readout(x, kn, v, g, beta, h0, o2, False, scan=False)
+    chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1, False, scan=True)
+    chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d2, False, scan=False)
+    r["o_equal"] = bool(torch.equal(o1, o2))
+    r["dx_rel"] = ((d2 - d1).norm() / d1.norm()).item()
+    for scan in (True, False, None):
+        r[f"readout_scan{scan}_ms"] = ms(
+            lambda: chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False, scan=scan)
         )
-        r[f"adjoint_{name}_ms"] = ms(
-            lambda: chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d2, False, **seg)
+        r[f"adjoint_scan{scan}_ms"] = ms(
+            lambda: chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1, False, scan=scan)
         )
     NT = triton.cdiv(T, 32)
     s_all = torch.empty(B, NT, H, 2, D, D, device="cuda", dtype=torch.bfloat16)
@@ -90,8 +82,6 @@ def measure(B: int, T: int, H: int, D: int = 128) -> dict:
                     D,
                     D,
                     NT,
-                    NT,
-                    1,
                     1.0,
                     C=32,
                     BA=BA,
@@ -110,22 +100,20 @@ def write(out: Path, meta: dict, rows: list) -> None:
     lines = [
         f"# bench_passes: {meta['card']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}",
         "",
-        "ms (medians), K = V = 128; read-out and adjoint by chunks per program (segment length); "
-        "'picked' = what the launcher picks (its length in brackets)",
+        "ms (medians), K = V = 128; scan None = what the launcher picks",
         "",
-        "| B | T | H | kernel | " + " | ".join(map(str, SEGMENTS)) + " |",
-        "|---|---|---|---|" + "---|" * len(SEGMENTS),
+        "| B | T | H | read-out scan / states / picked | adjoint scan / states / picked "
+        "| forward pass 64 / 32 tiles | reverse pass 64 / 32 tiles |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        for kind in ("readout", "adjoint"):
-            cells = [f"{r[f'{kind}_{name}_ms']:.3f}" for name in SEGMENTS]
-            cells[-1] += f" ({r['picked']})"
-            lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {kind} | " + " | ".join(cells) + " |")
-    lines += ["", "| B | T | H | forward pass 64 / 32 tiles | reverse pass 64 / 32 tiles |",
-              "|---|---|---|---|---|"]
-    for r in rows:
-        cells = [" / ".join(f"{r[f'state_rev{rev}_tile{t}_ms']:.2f}" for t in (64, 32))
-                 for rev in (False, True)]
+        cells = [
+            " / ".join(f"{r[f'{k}_scan{s}_ms']:.2f}" for s in (True, False, None))
+            for k in ("readout", "adjoint")
+        ]
+        cells += [
+            " / ".join(f"{r[f'state_rev{rev}_tile{t}_ms']:.2f}" for t in (64, 32)) for rev in (False, True)
+        ]
         lines.append(f"| {r['B']} | {r['T']} | {r['H']} | " + " | ".join(cells) + " |")
     (out / "bench_passes.md").write_text("\n".join(lines) + "\n")
 

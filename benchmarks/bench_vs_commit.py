@@ -70,17 +70,14 @@ def make(B, T, H, D, device, corr=0.0, gate_bias=3.0, lamb=None):
 def cg_alone(tree, q, k, g, beta, lamb, steps: int, **launch_kw):
     """A closure that launches only the tree's forward CG kernel on states made once here, and the q* it
     writes; for trees whose launch_chunk_cg / chunk_state_pass take the arguments they take at this
-    script's commit (launch_kw: further keywords of the tree's launch_chunk_cg; `every`, the chunks
-    between stored H states, defaults to the tree's STATE_EVERY, 1 for trees without it)."""
+    script's commit (launch_kw: further keywords of the tree's launch_chunk_cg)."""
     cg = importlib.import_module(f"{tree.__name__}.chunk_cg")
     states = importlib.import_module(f"{tree.__name__}.chunk_states")
     B, T, H, D = k.shape
     C = cg.chunk_len(64, D)
     split_fp16 = cg._use_fp16_split()
     z = torch.zeros(B, H, D, D, device=k.device)
-    every = launch_kw.get("every", getattr(cg, "STATE_EVERY", 1))
-    hs, _ = states.chunk_state_pass(k, k, g, beta, z, C, False, 1.0, split_fp16,
-                                    **(dict(every=every, compact=False) if every != 1 else {}))
+    hs, _ = states.chunk_state_pass(k, k, g, beta, z, C, False, 1.0, split_fp16)
     x = torch.empty(B, T, H, D, device=k.device)
     st = torch.empty(B, T, H, device=k.device, dtype=torch.int32)
     return (lambda: cg.launch_chunk_cg(q, k, g, beta, lamb, hs, x, st, x, g, lamb, C, steps, 0.0, False,

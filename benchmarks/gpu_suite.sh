@@ -21,7 +21,7 @@ run() {  # run NAME CMD...: log to $work/NAME.log, remember failures, keep going
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$work/card.txt"
 run gpu_tests python3 -m pytest -m gpu -q -rs --durations=15 tests/
 run bench_ops python3 benchmarks/bench_ops.py --out "$work"
-run bench_cg_knobs python3 benchmarks/bench_cg_knobs.py --out "$work"
+run bench_cg_relax python3 benchmarks/bench_cg_relax.py --out "$work"
 run bench_passes python3 benchmarks/bench_passes.py --out "$work"
 run bench_decode python3 benchmarks/bench_decode.py --out "$work"
 run bench_train_step python3 benchmarks/bench_train_step.py --out "$work"

@@ -33,8 +33,8 @@ CASES = {
     "f32_zero_steps": (1, 16, 2, 16, 16, torch.float32, 16, 0, 0.0, True),
     # V padded to 256: the adjoint read-out scan splits K = 48 into two blocks of 32 rows
     "f32_k48_v160_blocks": (1, 45, 1, 48, 160, torch.float32, 16, 40, 0.0, True),
-    # run as if on a GPU with few programs per SM (LOW_OCCUPANCY): chunk-parallel read-outs from a G state
-    # pass, 32 x 32 state tiles (masked at K = 48, V = 160)
+    # run as if on a GPU with few programs per SM (LOW_OCCUPANCY): read-outs from a G state pass,
+    # 32 x 32 state tiles (masked at K = 48, V = 160)
     "f32_k48_v160_low_occupancy": (2, 45, 2, 48, 160, torch.float32, 16, 40, 0.0, True),
 }
 LOW_OCCUPANCY = {"f32_k48_v160_low_occupancy"}
@@ -85,30 +85,26 @@ def _run_cases(path: str) -> None:
     chunk_output.fills_device = chunk_states.fills_device = chunk_common.fills_device
     results["readout_paths"] = _readout_paths("cpu")
     results["relaxed"] = _relaxed_solves()
-    results["state_every"] = _state_every_solves()
     torch.save(results, path)
 
 
 def _readout_paths(device: str) -> dict:
-    """Read-out o and adjoint dx with their final G by one scan (seg = None: the chunk count) and over
-    segments of 1 and 2 chunks from a G state pass (the last one ragged), on inputs where the adjoint
-    splits K into two blocks."""
+    """Read-out o and adjoint dx with their final G, by the scan and from a G state pass (both paths of
+    chunk_output.py), on inputs where the adjoint splits K into two blocks."""
     from mesa_compile.ops.kernels.chunk_cg import _use_fp16_split
-    from mesa_compile.ops.kernels.chunk_output import READOUT_CHUNK, chunk_readout, chunk_readout_adjoint
+    from mesa_compile.ops.kernels.chunk_output import chunk_readout, chunk_readout_adjoint
 
     dtype = torch.float16 if device == "cpu" else torch.bfloat16
-    B, T, H, K, V = (2, 75, 2, 48, 160) if device == "cpu" else (2, 650, 3, 128, 96)
+    B, T, H, K, V = (2, 75, 2, 48, 160) if device == "cpu" else (2, 700, 3, 128, 96)
     q, k, v, g, beta, _, _, h_kv = make_inputs(B, T, H, K, V, dtype, device)
     x, do = torch.randn(B, T, H, K, device=device), torch.randn(B, T, H, V, device=device).to(dtype)
     out = {}
-    n_chunks = -(-T // READOUT_CHUNK)
-    assert n_chunks % 2 == 1
-    for seg in (n_chunks, 1, 2):
+    for scan in (True, False):
         # o kept in fp32: a 16-bit o would turn 1-ulp differences of G_c into rounding flips
         o, dx = torch.empty(B, T, H, V, device=device), torch.empty_like(x)
-        g_o = chunk_readout(x, k, v, g, beta, h_kv, o, _use_fp16_split(), seg=seg)
-        g_dx = chunk_readout_adjoint(do, k, v, g, beta, h_kv, dx, _use_fp16_split(), seg=seg)
-        out[seg] = (o, g_o, dx, g_dx)
+        g_o = chunk_readout(x, k, v, g, beta, h_kv, o, _use_fp16_split(), scan=scan)
+        g_dx = chunk_readout_adjoint(do, k, v, g, beta, h_kv, dx, _use_fp16_split(), scan=scan)
+        out[scan] = (o, g_o, dx, g_dx)
     return out
 
 
@@ -125,27 +121,15 @@ def _relaxed_solves() -> dict:
     out = {"args": args}
     for relax in (0.0, 1.0):
         x, steps = torch.empty_like(q), torch.empty(B, T, H, dtype=torch.int32)
-        launch_chunk_cg(q, k, g, beta, lamb, hs, x, steps, x, g, lamb, C, 40, 0.0, False, relax=relax, every=1)
+        launch_chunk_cg(q, k, g, beta, lamb, hs, x, steps, x, g, lamb, C, 40, 0.0, False, relax=relax)
         out[relax] = x
     return out
 
 
-def _state_every_solves() -> dict:
-    """chunk_fwd with H stored at every chunk start (1) and every 2nd / 3rd (the CG programs in between
-    add the chunks since, chunk_cg.py), with the inputs; 5 chunks, so 3 holds a ragged last group."""
-    from mesa_compile.ops.kernels.chunk_cg import chunk_fwd
-
-    args = make_inputs(1, 70, 2, 32, 24, torch.float32)
-    return {"args": args, **{every: chunk_fwd(*args, 16, 12, 0.0, state_every=every) for every in (1, 2, 3)}}
-
-
 def _check_readout_paths(res: dict) -> None:
-    """Same products in the same order: every segment length equal to the scan's up to the fp32
-    summation order of the dots (1e-6)."""
-    scan, *segmented = res.values()
-    for got in segmented:
-        for name, a, b in zip(("o", "G (read-out)", "dx", "G (adjoint)"), got, scan):
-            assert torch.isfinite(a).all() and rel(a, b) <= 1e-6, (name, rel(a, b))
+    """Same products in the same order: equal up to the fp32 summation order of the dots (1e-6)."""
+    for name, a, b in zip(("o", "G (read-out)", "dx", "G (adjoint)"), res[True], res[False]):
+        assert torch.isfinite(a).all() and rel(a, b) <= 1e-6, (name, rel(a, b))
 
 
 @pytest.fixture(scope="module")
@@ -207,19 +191,6 @@ def test_interp_relaxed_matvecs(interp_results):
     assert rel(res[0.0], exact) <= 1e-5
     assert rel(res[1.0], exact) <= 1e-2
     assert rel(res[1.0], res[0.0]) > 1e-7
-
-
-def test_interp_state_every(interp_results):
-    """H_c rebuilt in the CG prologue from an earlier stored state is the state pass's H_c up to the
-    rounding of the stored (hi, lo) pair (fp16 in the interpreter, ~2^-22): o, q* and the final states
-    agree with every = 1 to 2e-6, and o stays on the fp64 reference at the same step count."""
-    res = interp_results["state_every"]
-    want = ref.chunk_fwd(*[a.double() for a in res["args"]], 16, 12, 0.0)[0]
-    for every in (2, 3):
-        for name, a, b in zip(FWD_NAMES[:4], res[every], res[1]):
-            assert rel(a, b) <= 2e-6, (every, name, rel(a, b))
-        assert rel(res[every][0], want) <= 1e-5
-    assert torch.equal(res[2][4], res[1][4])
 
 
 def test_interp_converged_matches_exact(interp_results):

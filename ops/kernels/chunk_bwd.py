@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_cg import STATE_EVERY, _use_fp16_split, check_key_size, chunk_len, launch_chunk_cg
+from .chunk_cg import _use_fp16_split, check_key_size, chunk_len, launch_chunk_cg
 from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
 from .chunk_output import chunk_readout_adjoint
 from .chunk_states import chunk_state_pass
@@ -142,8 +142,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dh_kk = dh_kk.float().contiguous()
     dh_kv = dh_kv.float().contiguous()
 
-    hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16,
-                                 every=STATE_EVERY, compact=False)
+    hs, h_end = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), C, False, 1.0, split_fp16)
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
     u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)

@@ -57,10 +57,6 @@ from .chunk_states import chunk_state_pass
 # the CG loop, K = 144 and 256) and was removed.
 CHUNK_K_MAX = 128
 
-# Chunks between stored H states: the CG programs of the chunks in between add the chunks since the
-# stored state to it in their prologue (module NOTE).
-STATE_EVERY = 2
-
 # Relative residual ||r|| / ||r0|| below which a chunk's CG matvecs run one pass per product (module NOTE).
 CG_RELAX = 1e-3
 
@@ -111,14 +107,13 @@ def _chunk_cg_kernel(
     g_ptr,  # (B, T, H) fp32
     beta_ptr,  # (B, T, H) fp32
     lamb_ptr,  # (H, K) fp32
-    hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype: the state pass wrote
-    #          every `every`-th chunk's, the programs of the chunks in between write theirs here
+    hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype
     x_ptr,  # (B, T, H, K) fp32: fwd out q*, bwd in q*
     steps_ptr,  # (B, T, H) int32 fwd out
     u_ptr,  # (B, T, H, K) fp32 bwd out
     dc_ptr,  # (B, T, H) fp32 bwd out
     dlamb_ptr,  # (B, NT, H, K) fp32 bwd out
-    T, H, K, NT, every, cg_steps, cg_tol,
+    T, H, K, NT, cg_steps, cg_tol,
     C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
     RELAX: tl.constexpr,
 ):
@@ -144,32 +139,10 @@ def _chunk_cg_kernel(
     k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
     kt_hi = tl.trans(k_hi)
     kt_lo = tl.trans(k_lo)
-    hkk = ik[:, None] * K + ik[None, :]
-    hmask = km[:, None] & km[None, :]
-    c_stored = pid_c - pid_c % every  # the chunk whose start state the state pass wrote
-    if c_stored != pid_c:
-        # H_c from that state and the chunks since, the state pass's update term for term, written to
-        # this chunk's slot. NOTE: a tile that comes out of a branch stays in registers as the dots' A
-        # operand (3 KB of spills in the loop, sm_90a compile report); loaded from memory below, it is
-        # fed from shared memory as loaded, like every other program's.
-        sbase = ((bb * NT + c_stored) * H + hh) * 2 * K * K
-        hf = (tl.load(hs_ptr + sbase + hkk, mask=hmask, other=0.0).to(tl.float32)
-              + tl.load(hs_ptr + sbase + K * K + hkk, mask=hmask, other=0.0).to(tl.float32))
-        for c in range(c_stored, pid_c):
-            tok_c = tok + (c - pid_c) * C * H
-            g_c = tl.load(g_ptr + tok_c).to(tl.float32)  # chunks before pid_c are whole
-            b_c = tl.cumsum(g_c, 0)
-            w_c = tl.exp(tl.sum(g_c, 0) - b_c) * tl.load(beta_ptr + tok_c).to(tl.float32)
-            k_c = tl.load(k_ptr + tok_c[:, None] * K + ik[None, :], mask=km[None, :], other=0.0)  # (C, BK)
-            kw_t = tl.trans(k_c.to(tl.float32) * w_c[:, None])  # (BK, C)
-            hf = tl.exp(tl.sum(g_c, 0)) * hf + mm(kw_t, k_c, False, K_EXACT, SPLIT_FP16)
-        h_hi = split_hi(hf, SPLIT_FP16)
-        tl.store(hs_ptr + hbase + hkk, h_hi, mask=hmask)
-        tl.store(hs_ptr + hbase + K * K + hkk, split_lo(hf, h_hi, SPLIT_FP16), mask=hmask)
-        tl.debug_barrier()  # the block's stores are visible to all its threads after it
     # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory
-    h_hi = tl.load(hs_ptr + hbase + hkk, mask=hmask, other=0.0)  # (BK, BK)
-    h_lo = tl.load(hs_ptr + hbase + K * K + hkk, mask=hmask, other=0.0)
+    hkk = ik[:, None] * K + ik[None, :]
+    h_hi = tl.load(hs_ptr + hbase + hkk, mask=km[:, None] & km[None, :], other=0.0)  # (BK, BK)
+    h_lo = tl.load(hs_ptr + hbase + K * K + hkk, mask=km[:, None] & km[None, :], other=0.0)
     hdiag = (tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0).to(tl.float32)
              + tl.load(hs_ptr + hbase + K * K + ik * (K + 1), mask=km, other=0.0).to(tl.float32))  # (BK,)
     diag = mm(tl.trans(kf * kf), mdec_t, False, False, SPLIT_FP16) + hdiag[:, None] * eb[None, :]
@@ -246,13 +219,11 @@ def _use_fp16_split() -> bool:
 
 def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
                     chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
-                    num_warps: int | None = None, relax: float = CG_RELAX, every: int = STATE_EVERY) -> None:
+                    num_warps: int | None = None, relax: float = CG_RELAX) -> None:
     """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel; the
-    outputs of the other direction are not touched). hs: (B, NT, H, 2, K, K) from a state pass with
-    this `every`; the kernel fills the slots in between. num_warps: None picks the default (8 for
-    64-row chunks of K > 64, else 4);
-    relax: residual ratio below which a chunk's matvecs drop their lo passes (0: never). Benchmarks
-    pass others."""
+    outputs of the other direction are not touched). num_warps: None picks the default (8 for
+    64-row chunks of K > 64, else 4); relax: residual ratio below which a chunk's matvecs drop their
+    lo passes (0: never). Benchmarks pass others."""
     B, T, H, K = k.shape
     NT = triton.cdiv(T, chunk_size)
     split_fp16 = _use_fp16_split()
@@ -260,7 +231,7 @@ def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
     BK = max(16, triton.next_power_of_2(K))
     torch.library.wrap_triton(_chunk_cg_kernel)[(NT, B * H)](
         rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
-        T, H, K, NT, every, cg_steps, cg_tol,
+        T, H, K, NT, cg_steps, cg_tol,
         C=chunk_size, BK=BK, BWD=bwd, K_EXACT=k.dtype == split_dt, SPLIT_FP16=split_fp16, RELAX=relax,
         num_warps=num_warps or (8 if BK >= 128 and chunk_size >= 64 else 4),
     )
@@ -268,8 +239,7 @@ def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
 
 def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
               lamb: torch.Tensor, h_kk: torch.Tensor, h_kv: torch.Tensor, chunk_size: int, cg_steps: int,
-              cg_tol: float, *, out_dtype: torch.dtype | None = None, relax: float = CG_RELAX,
-              state_every: int = STATE_EVERY
+              cg_tol: float, *, out_dtype: torch.dtype | None = None, relax: float = CG_RELAX
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunkwise MesaNet forward with Triton kernels.
 
@@ -278,7 +248,6 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     Returns o (B, T, H, V) in out_dtype (default v.dtype), q* (B, T, H, K) fp32, final h_kk, h_kv
     (fp32), steps (B, T, H) int32. o is computed in fp32; out_dtype=torch.float32 keeps it unrounded.
     relax: residual ratio below which the CG matvecs drop their lo passes (module NOTE; 0: never).
-    state_every: chunks between the H states the state pass stores (module NOTE).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -290,11 +259,11 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     lamb = lamb.float().contiguous()
     split_fp16 = _use_fp16_split()
     hs, h_kk_out = chunk_state_pass(k, k, g32, b32, h_kk.float().contiguous(), chunk_size, False, 1.0,
-                                    split_fp16, every=state_every, compact=False)
+                                    split_fp16)
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
     launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False,
-                    relax=relax, every=state_every)
+                    relax=relax)
     h_kv_out = chunk_readout(x, k, v, g32, b32, h_kv.float().contiguous(), o, split_fp16)
     return o, x, h_kk_out, h_kv_out, steps

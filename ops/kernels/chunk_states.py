@@ -2,10 +2,9 @@
 
 One kernel serves both directions. A program owns a (BA x BB) tile of a per-(batch, head) state S
 and walks the chunks sequentially, storing S at every chunk boundary, then updating it:
-  forward  (REVERSE=False): stores S at the START of every `every`-th chunk, then
-           S <- e^{b_L} S + (A * w)^T B, w_s = e^{b_L - b_s} beta_s, with (A, B) = (k, k) for H
-           (every STATE_EVERY-th chunk, chunk_cg.py), and (k, v) for G at the segment starts of the
-           read-out kernels (chunk_output.py), which scan G from there.
+  forward  (REVERSE=False): stores S at each chunk START, then S <- e^{b_L} S + (A * w)^T B,
+           w_s = e^{b_L - b_s} beta_s, with (A, B) = (k, k) for H, and (k, v) for G where the
+           read-out kernels (chunk_output.py) read G_c from states instead of scanning G themselves.
   reverse  (REVERSE=True):  stores S at each chunk END, then S <- e^{b_L} S + sign (A * w)^T B,
            w_t = e^{b_t}, with (A, B, sign) = (u, x, -1) for dH and (x, do, +1) for dG.
 b is the within-chunk cumulative log decay, b_L its value at the chunk's last row. States are fp32;
@@ -28,10 +27,9 @@ def _chunk_state_kernel(
     g_ptr,  # (B, T, H) fp32 log decay
     beta_ptr,  # (B, T, H) fp32
     s0_ptr,  # (B, H, DA, DB) fp32 state entering the pass
-    s_all_ptr,  # (B, NS, H, 2, DA, DB) state at every `every`-th chunk boundary as (hi, lo), split dtype,
-    #             at slot c // slot_div (compact: slot_div = every, NS = cdiv(NT, every); else 1, NS = NT)
+    s_all_ptr,  # (B, NT, H, 2, DA, DB) state at each chunk boundary as (hi, lo) in the split dtype
     s_fin_ptr,  # (B, H, DA, DB) fp32 state leaving the pass
-    T, H, DA, DB, NT, NS, every, slot_div, a_scale,
+    T, H, DA, DB, NT, a_scale,
     C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr,
     B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
 ):
@@ -56,11 +54,10 @@ def _chunk_state_kernel(
             c = NT - 1 - i
         else:
             c = i
-        if c % every == 0:
-            s_hi = split_hi(s, SPLIT_FP16)
-            base = ((bb * NS + c // slot_div) * H + hh) * 2 * DA * DB
-            tl.store(s_all_ptr + base + tile, s_hi, mask=tmask)
-            tl.store(s_all_ptr + base + DA * DB + tile, split_lo(s, s_hi, SPLIT_FP16), mask=tmask)
+        s_hi = split_hi(s, SPLIT_FP16)
+        base = ((bb * NT + c) * H + hh) * 2 * DA * DB
+        tl.store(s_all_ptr + base + tile, s_hi, mask=tmask)
+        tl.store(s_all_ptr + base + DA * DB + tile, split_lo(s, s_hi, SPLIT_FP16), mask=tmask)
         t = c * C + rows  # (C,)
         tm = t < T
         tok = (bb * T + t) * H + hh  # (C,) token index
@@ -95,21 +92,14 @@ def chunk_state_pass(
     reverse: bool,
     a_scale: float,
     split_fp16: bool,
-    every: int = 1,
-    compact: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one state pass; returns (states at every `every`-th chunk boundary as (B, NS, H, 2, DA, DB)
-    (hi, lo) pairs in the split dtype, final state (B, H, DA, DB) fp32). compact: NS = cdiv(NT, every)
-    slots; else NT slots, the ones in between left unwritten (the CG kernel fills them).
-    every > 1 is for forward passes only."""
-    if every < 1 or (reverse and every != 1):
-        raise ValueError(f"every must be 1 for reverse passes and >= 1 otherwise, got {every}")
+    """Run one state pass; returns (states at every chunk boundary as (B, NT, H, 2, DA, DB) (hi, lo)
+    pairs in the split dtype, final state (B, H, DA, DB) fp32)."""
     B, T, H, DA = a.shape
     DB = b.shape[-1]
     NT = triton.cdiv(T, chunk_size)
-    NS = triton.cdiv(NT, every) if compact else NT
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
-    s_all = torch.empty(B, NS, H, 2, DA, DB, device=a.device, dtype=split_dt)
+    s_all = torch.empty(B, NT, H, 2, DA, DB, device=a.device, dtype=split_dt)
     s_fin = torch.empty(B, H, DA, DB, device=a.device, dtype=torch.float32)
     # 64 x 64 tiles, or 32 x 32 where there would be too few programs (each walks all chunks); a 4-warp
     # reverse program needs fewer of them. NOTE: H200, K = V = 128, T = 4096 (8192 at B x H = 4, 2048
@@ -121,7 +111,7 @@ def chunk_state_pass(
     BA, BB = _block(DA, cap), _block(DB, cap)
     grid = (triton.cdiv(DA, BA), triton.cdiv(DB, BB), B * H)
     torch.library.wrap_triton(_chunk_state_kernel)[grid](
-        a, b, g, beta, s0, s_all, s_fin, T, H, DA, DB, NT, NS, every, every if compact else 1, a_scale,
+        a, b, g, beta, s0, s_all, s_fin, T, H, DA, DB, NT, a_scale,
         C=chunk_size, BA=BA, BB=BB, REVERSE=reverse,
         B_EXACT=b.dtype == split_dt, SPLIT_FP16=split_fp16,
         # NOTE: H100, B=8 T=2048 H=16 K=128, chunk 32: the forward H pass took 0.26 ms at 2 warps
