@@ -3,7 +3,7 @@
 The data behind the launchers' choices in ops/kernels/chunk_output.py and chunk_states.py (both
 depend on how many programs there are per streaming multiprocessor). K = V = 128, bf16, chunk 32;
 kernels launched directly (no HOP dispatch). Writes <out>/bench_passes.json and <out>/bench_passes.md.
-Usage: python benchmarks/bench_passes.py [--out DIR]
+Usage: python benchmarks/bench_passes.py [--out DIR] [--shape B,T,H ...] [--readout-chunk C]
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def measure(B: int, T: int, H: int, D: int = 128) -> dict:
 def write(out: Path, meta: dict, rows: list) -> None:
     (out / "bench_passes.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [
-        f"# bench_passes: {meta['card']} ({meta['sms']} SMs), torch {meta['torch']}, triton {meta['triton']}",
+        f"# bench_passes: {meta['card']} ({meta['sms']} SMs), torch {meta['torch']}, "
+        f"triton {meta['triton']}, read-out chunk {meta['readout_chunk']}",
         "",
         "ms (medians), K = V = 128; scan None = what the launcher picks",
         "",
@@ -121,17 +122,25 @@ def write(out: Path, meta: dict, rows: list) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    out = Path(ap.parse_args().out)
+    ap.add_argument("--shape", action="append", default=[], metavar="B,T,H",
+                    help="time this shape (repeatable) instead of the default list")
+    ap.add_argument("--readout-chunk", type=int, default=chunk_output.READOUT_CHUNK,
+                    help="chunk length of the read-out kernels (tokens per chunk step)")
+    a = ap.parse_args()
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    chunk_output.READOUT_CHUNK = a.readout_chunk
     meta = dict(
         card=torch.cuda.get_device_name(),
         sms=torch.cuda.get_device_properties(0).multi_processor_count,
         torch=torch.__version__,
         triton=triton.__version__,
+        readout_chunk=a.readout_chunk,
     )
+    shapes = [tuple(int(n) for n in shape.split(",")) for shape in a.shape] or SHAPES
     rows = []
     with set_wrap_triton_enabled(False):
-        for B, T, H in SHAPES:
+        for B, T, H in shapes:
             rows.append(measure(B, T, H))
             print(json.dumps(rows[-1]), flush=True)
             write(out, meta, rows)
