@@ -49,7 +49,7 @@ def ms(fn):
 
 def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     """Time of each kernel of our forward and backward, at the chunk length the CG kernels pick (the
-    read-out scans use their own, READOUT_CHUNK)."""
+    read-out kernels use their own, READOUT_CHUNKS)."""
     B, T, H, K = qn.shape
     C = chunk_len(64, K)
     z = torch.zeros(B, H, K, K, device="cuda")

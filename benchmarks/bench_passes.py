@@ -99,7 +99,7 @@ def write(out: Path, meta: dict, rows: list) -> None:
     (out / "bench_passes.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [
         f"# bench_passes: {meta['card']} ({meta['sms']} SMs), torch {meta['torch']}, "
-        f"triton {meta['triton']}, read-out chunk {meta['readout_chunk']}",
+        f"triton {meta['triton']}, read-out chunks {meta['readout_chunks']}",
         "",
         "ms (medians), K = V = 128; scan None = what the launcher picks",
         "",
@@ -124,18 +124,19 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--shape", action="append", default=[], metavar="B,T,H",
                     help="time this shape (repeatable) instead of the default list")
-    ap.add_argument("--readout-chunk", type=int, default=chunk_output.READOUT_CHUNK,
-                    help="chunk length of the read-out kernels (tokens per chunk step)")
+    ap.add_argument("--readout-chunk", type=int, default=None,
+                    help="chunk length of both read-out paths (default: the launchers' READOUT_CHUNKS)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    chunk_output.READOUT_CHUNK = a.readout_chunk
+    if a.readout_chunk:
+        chunk_output.READOUT_CHUNKS = dict.fromkeys(chunk_output.READOUT_CHUNKS, a.readout_chunk)
     meta = dict(
         card=torch.cuda.get_device_name(),
         sms=torch.cuda.get_device_properties(0).multi_processor_count,
         torch=torch.__version__,
         triton=triton.__version__,
-        readout_chunk=a.readout_chunk,
+        readout_chunks=chunk_output.READOUT_CHUNKS,
     )
     shapes = [tuple(int(n) for n in shape.split(",")) for shape in a.shape] or SHAPES
     rows = []

@@ -1,7 +1,7 @@
 """Read-out and adjoint scans of the working tree (and of another commit's kernels) by read-out chunk length.
 
-Each configuration (tree or base, READOUT_CHUNK) runs in its own process: an illegal memory access ends
-the CUDA context, and a failing configuration must not take the others with it. Each times
+Each configuration (tree or base, chunk length of both paths) runs in its own process: an illegal memory
+access ends the CUDA context, and a failing configuration must not take the others with it. Each times
 `chunk_readout` and `chunk_readout_adjoint` (the launchers' own choice of scan or state pass) on random
 inputs (bf16 k, v; fp32 q*, gates, initial G) and saves o, the final G, dX and the adjoint's final G;
 the parent compares every configuration's outputs with the tree's at the first chunk length.
@@ -38,7 +38,10 @@ def child(which: str, base: str, chunk: int, shapes: list[tuple[int, int, int]],
         (tmp / f"pkg{chunk}").mkdir()
         package = import_kernels_of(base, tmp / f"pkg{chunk}")
         chunk_output = importlib.import_module(package.__name__ + ".chunk_output")
-    chunk_output.READOUT_CHUNK = chunk
+    if hasattr(chunk_output, "READOUT_CHUNKS"):
+        chunk_output.READOUT_CHUNKS = dict.fromkeys(("scan", "states"), chunk)  # both paths at this length
+    else:
+        chunk_output.READOUT_CHUNK = chunk  # kernels before round 11: one length for both paths
     res = {}
     for B, T, H in shapes:
         torch.manual_seed(0)

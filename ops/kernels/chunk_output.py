@@ -13,9 +13,10 @@ Two ways to get G_c, one kernel each for the read-out and the adjoint (constexpr
 - from states: a G state pass (chunk_states.py) writes every G_c as a (hi, lo) pair, then one program
   per (block, chunk) runs the same per-chunk products.
 NOTE: the scan has only 2 programs per (batch, head) at K = V = 128, each walking all T / 32 chunks.
-H100, ms, scan / from states: B=8 T=2048 H=16 read-out 0.49 / 0.69, adjoint 0.33 / 0.67; B=1 T=8192
-H=4 read-out 1.48 / 0.42, adjoint 1.02 / 0.50; they meet between B x H = 32 and 64 (64 and 128 scan
-programs on 132 SMs; benchmarks/NOTES-kernels.md, round 6). The state pass's update is the scan's,
+H100, ms, scan / from states, both at chunk 32: B=8 T=2048 H=16 read-out 0.49 / 0.69, adjoint 0.33 /
+0.67; B=1 T=8192 H=4 read-out 1.48 / 0.42, adjoint 1.02 / 0.50; they meet between B x H = 32 and 64 (64
+and 128 scan programs on 132 SMs; benchmarks/NOTES-kernels.md, round 6). The path from states now runs
+at chunk 64 (READOUT_CHUNKS). The state pass's update is the scan's,
 term for term: on the GPU, o and the read-out's final G came out bit-identical by both ways; dX and
 the adjoint's final G agree up to the fp32 order of the dots.
 Products are split like every product of the chunk kernels (chunk_common.py).
@@ -29,9 +30,11 @@ import triton.language as tl
 from .chunk_common import fills_device, mm, mm_pre, split_pair
 from .chunk_states import chunk_state_pass
 
-# Chunk length of the scans, independent of the CG's chunks. NOTE: at 64 (V blocks of 32, 4 warps,
-# 1 stage) the forward scan raised an illegal address on an H100 with triton 3.6; 32 runs.
-READOUT_CHUNK = 32
+# Chunk lengths of the read-outs by path, independent of the CG's chunks. NOTE: H100, triton 3.6, ms at
+# chunk 32 / 64 (V blocks of 64, 4 warps): scan (B=8 T=2048 H=16) read-out 0.535 / 0.772, adjoint 0.327 /
+# 0.311; from states (B=1 T=8192 H=4, G state pass included) read-out 0.415 / 0.264, adjoint 0.404 / 0.253
+# (benchmarks/NOTES-kernels.md, round 11)
+READOUT_CHUNKS = {"scan": 32, "states": 64}
 
 
 @triton.jit
@@ -209,7 +212,7 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
 
 
 def _launch(kernel, ins, h_kv: torch.Tensor, out: torch.Tensor, blocks: int, scan: bool | None,
-            C: int, BK: int, BV: int, split_fp16: bool) -> torch.Tensor:
+            BK: int, BV: int, split_fp16: bool) -> torch.Tensor:
     """Run a read-out kernel as a scan (scan=True) or from the chunk-start states of a G state pass
     (scan=False); None picks the scan when its programs (blocks per (batch, head)) give every other
     streaming multiprocessor one (module NOTE)."""
@@ -219,6 +222,7 @@ def _launch(kernel, ins, h_kv: torch.Tensor, out: torch.Tensor, blocks: int, sca
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     if scan is None:
         scan = fills_device(blocks * B * H, k.device, 0.5)
+    C = READOUT_CHUNKS["scan" if scan else "states"]
     if scan:
         states = h_kv
         s_fin = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
@@ -245,7 +249,7 @@ def chunk_readout(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     # 0.57, 64/8/2 0.67, 32/4/2 0.70 (benchmarks/NOTES-kernels.md, round 5)
     BV = min(64, BVF)
     return _launch(_readout_kernel, (x, k, v, g, beta), h_kv, o, triton.cdiv(v.shape[-1], BV), scan,
-                   READOUT_CHUNK, BK, BV, split_fp16)
+                   BK, BV, split_fp16)
 
 
 def chunk_readout_adjoint(do: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -259,4 +263,4 @@ def chunk_readout_adjoint(do: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     # 32 / 4 / 2 0.40 (benchmarks/NOTES-kernels.md, round 5)
     BK = max(16, min(BKF, 8192 // BV))
     return _launch(_readout_adjoint_kernel, (do, k, v, g, beta), h_kv, dx, triton.cdiv(k.shape[-1], BK), scan,
-                   READOUT_CHUNK, BK, BV, split_fp16)
+                   BK, BV, split_fp16)
