@@ -14,11 +14,12 @@ Two ways to get G_c, one kernel each for the read-out and the adjoint (constexpr
   per (block, chunk) runs the same per-chunk products.
 NOTE: the scan has only 2 programs per (batch, head) at K = V = 128, each walking all T / 32 chunks.
 H100, ms, scan / from states, both at chunk 32: B=8 T=2048 H=16 read-out 0.49 / 0.69, adjoint 0.33 /
-0.67; B=1 T=8192 H=4 read-out 1.48 / 0.42, adjoint 1.02 / 0.50; they meet between B x H = 32 and 64 (64
+0.67; B=1 T=8192 H=4 read-out 1.48 / 0.42, adjoint 1.02 / 0.50; they met between B x H = 32 and 64 (64
 and 128 scan programs on 132 SMs; benchmarks/NOTES-kernels.md, round 6). The path from states now runs
-at chunk 64 (READOUT_CHUNKS). The state pass's update is the scan's,
-term for term: on the GPU, o and the read-out's final G came out bit-identical by both ways; dX and
-the adjoint's final G agree up to the fp32 order of the dots.
+at chunk 64 (READOUT_CHUNKS), which moves the read-out's crossover to between B x H = 96 and 128 (the
+launchers' NOTEs; round 11). At one chunk length the state pass's update is the scan's, term for term:
+on the GPU, o and the read-out's final G came out bit-identical by both ways; dX and the adjoint's
+final G agree up to the fp32 order of the dots.
 Products are split like every product of the chunk kernels (chunk_common.py).
 """
 from __future__ import annotations
@@ -212,16 +213,16 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
 
 
 def _launch(kernel, ins, h_kv: torch.Tensor, out: torch.Tensor, blocks: int, scan: bool | None,
-            BK: int, BV: int, split_fp16: bool) -> torch.Tensor:
+            scan_per_sm: float, BK: int, BV: int, split_fp16: bool) -> torch.Tensor:
     """Run a read-out kernel as a scan (scan=True) or from the chunk-start states of a G state pass
-    (scan=False); None picks the scan when its programs (blocks per (batch, head)) give every other
-    streaming multiprocessor one (module NOTE)."""
+    (scan=False); None picks the scan when its programs (blocks per (batch, head)) give each streaming
+    multiprocessor at least scan_per_sm (module NOTE)."""
     k, v, g, beta = ins[1:5]
     B, T, H, K = k.shape
     V = v.shape[-1]
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
     if scan is None:
-        scan = fills_device(blocks * B * H, k.device, 0.5)
+        scan = fills_device(blocks * B * H, k.device, scan_per_sm)
     C = READOUT_CHUNKS["scan" if scan else "states"]
     if scan:
         states = h_kv
@@ -248,7 +249,10 @@ def chunk_readout(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     # NOTE: H100, B=8 T=2048 H=16 K=V=128 (scan): V blocks of 64 / 4 warps / 1 stage 0.48 ms; 64/4/2
     # 0.57, 64/8/2 0.67, 32/4/2 0.70 (benchmarks/NOTES-kernels.md, round 5)
     BV = min(64, BVF)
-    return _launch(_readout_kernel, (x, k, v, g, beta), h_kv, o, triton.cdiv(v.shape[-1], BV), scan,
+    # NOTE: H100, K=V=128, ms scan / from states at chunk 64: B x H = 32 (T=4096) 0.75 / 0.31, 64 0.78 /
+    # 0.60, 96 0.94 / 0.86; 128 (T=2048) 0.48 / 0.55, so the scan from 1.5 programs per SM
+    # (benchmarks/NOTES-kernels.md, round 11)
+    return _launch(_readout_kernel, (x, k, v, g, beta), h_kv, o, triton.cdiv(v.shape[-1], BV), scan, 1.5,
                    BK, BV, split_fp16)
 
 
@@ -262,5 +266,6 @@ def chunk_readout_adjoint(do: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     # NOTE: H100, K=V=128 (scan): K blocks of 64 / 4 warps 0.33 ms (1 or 2 stages), 64 / 8 / 2 0.48,
     # 32 / 4 / 2 0.40 (benchmarks/NOTES-kernels.md, round 5)
     BK = max(16, min(BKF, 8192 // BV))
+    # NOTE: same runs, adjoint: 32 0.52 / 0.28, 64 0.55 / 0.54, 96 0.62 / 0.77: the scan from 0.5 per SM
     return _launch(_readout_adjoint_kernel, (do, k, v, g, beta), h_kv, dx, triton.cdiv(k.shape[-1], BK), scan,
-                   BK, BV, split_fp16)
+                   0.5, BK, BV, split_fp16)
