@@ -37,7 +37,9 @@ def ms(fn):
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def measure(B: int, T: int, H: int, D: int = 128) -> dict:
+def readout_inputs(B: int, T: int, H: int, D: int = 128) -> tuple[torch.Tensor, ...]:
+    """Seeded read-out inputs on the GPU: unit bf16 keys, bf16 values and output gradient, gates, fp32
+    q* and initial G: (k, v, do, g, beta, x, h_kv)."""
     torch.manual_seed(0)
     kn = ref.l2_normalize(torch.randn(B, T, H, D, device="cuda")).bfloat16()
     v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
@@ -46,6 +48,11 @@ def measure(B: int, T: int, H: int, D: int = 128) -> dict:
     beta = torch.rand(B, T, H, device="cuda")
     x = torch.randn(B, T, H, D, device="cuda")
     h0 = torch.randn(B, H, D, D, device="cuda") / D
+    return kn, v, do, g, beta, x, h0
+
+
+def measure(B: int, T: int, H: int, D: int = 128) -> dict:
+    kn, v, do, g, beta, x, h0 = readout_inputs(B, T, H, D)
     o1, o2 = torch.empty_like(v), torch.empty_like(v)
     d1, d2 = torch.empty_like(x), torch.empty_like(x)
     r = dict(B=B, T=T, H=H)

@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def child(which: str, base: str, chunk: int, shapes: list[tuple[int, int, int]], tmp: Path) -> dict:
@@ -28,12 +27,12 @@ def child(which: str, base: str, chunk: int, shapes: list[tuple[int, int, int]],
     from torch._library.triton import set_wrap_triton_enabled  # what triton_op does in eager
     from triton.testing import do_bench
 
-    from mesa_compile.ops import reference as ref
+    from bench_passes import readout_inputs  # benchmarks/ is on the path as the script's directory
 
     if which == "tree":
         from mesa_compile.ops.kernels import chunk_output
     else:
-        from bench_vs_commit import import_kernels_of  # benchmarks/ is on the path as the script's directory
+        from bench_vs_commit import import_kernels_of
 
         (tmp / f"pkg{chunk}").mkdir()
         package = import_kernels_of(base, tmp / f"pkg{chunk}")
@@ -44,15 +43,7 @@ def child(which: str, base: str, chunk: int, shapes: list[tuple[int, int, int]],
         chunk_output.READOUT_CHUNK = chunk  # kernels before round 11: one length for both paths
     res = {}
     for B, T, H in shapes:
-        torch.manual_seed(0)
-        D = 128
-        k = ref.l2_normalize(torch.randn(B, T, H, D, device="cuda")).bfloat16()
-        v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
-        do = torch.randn_like(v)
-        g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 3.0)
-        beta = torch.rand(B, T, H, device="cuda")
-        x = torch.randn(B, T, H, D, device="cuda")
-        h_kv = torch.randn(B, H, D, D, device="cuda") / D
+        k, v, do, g, beta, x, h_kv = readout_inputs(B, T, H)
         o, dx = torch.empty_like(x), torch.empty_like(x)
         with set_wrap_triton_enabled(False):
             def readout():
