@@ -1,4 +1,5 @@
-"""Read-out by scan vs from a G state pass, and state-pass tiles 64 x 64 vs 32 x 32, across batch x heads.
+"""Read-out by scan vs from a G state pass, state passes alone vs paired in one launch, and state-pass tiles
+64 x 64 vs 32 x 32, across batch x heads.
 
 The data behind the launchers' choices in ops/kernels/chunk_output.py and chunk_states.py (both
 depend on how many programs there are per streaming multiprocessor). K = V = 128, bf16, chunk 32;
@@ -73,6 +74,24 @@ def measure(B: int, T: int, H: int, D: int = 128) -> dict:
         r[f"adjoint_scan{scan}_ms"] = ms(
             lambda: chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1, False, scan=scan)
         )
+    # paired passes (one launch) against the same passes alone: the forward H pass at chunk 32 with the
+    # G pass of the read-out from states, and the backward's two reverse passes
+    Hp = chunk_states.StatePass(kn, kn, h0)
+    Gp = chunk_output.readout_state_pass(kn, v, h0, 32)
+    Rh = chunk_states.StatePass(x, x, h0, -1.0)
+    Rg = chunk_states.StatePass(x, do, h0)
+    for name, passes, rev in (("h", [Hp], False), ("hg", [Hp, Gp], False), ("rev_h", [Rh], True),
+                              ("rev_g", [Rg], True), ("rev_hg", [Rh, Rg], True)):
+        r[f"passes_{name}_ms"] = ms(lambda: chunk_states.chunk_state_passes(passes, g, beta, 32, rev, False))
+    # the read-outs from states alone, on the G states of the paired launch
+    g_states = chunk_states.chunk_state_passes([Hp, Gp], g, beta, 32, False, False)[1]
+    r["readout_from_given_states_ms"] = ms(
+        lambda: chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False, states=g_states))
+    r["adjoint_from_given_states_ms"] = ms(
+        lambda: chunk_output.chunk_readout_adjoint(do, kn, v, g, beta, h0, d1, False, states=g_states))
+    chunk_output.chunk_readout(x, kn, v, g, beta, h0, o1, False, scan=True)
+    chunk_output.chunk_readout(x, kn, v, g, beta, h0, o2, False, states=g_states)
+    r["o_rel_paired"] = ((o2.float() - o1.float()).norm() / o1.float().norm()).item()  # vs the scan
     NT = triton.cdiv(T, 32)
     s_all = torch.empty(B, NT, H, 2, D, D, device="cuda", dtype=torch.bfloat16)
     fin = torch.empty_like(h0)
@@ -81,26 +100,9 @@ def measure(B: int, T: int, H: int, D: int = 128) -> dict:
             grid = (triton.cdiv(D, BA), triton.cdiv(D, BA), B * H)
             r[f"state_rev{rev}_tile{BA}_ms"] = ms(
                 lambda: chunk_states._chunk_state_kernel[grid](
-                    kn,
-                    kn,
-                    g,
-                    beta,
-                    h0,
-                    s_all,
-                    fin,
-                    T,
-                    H,
-                    D,
-                    D,
-                    NT,
-                    1.0,
-                    C=32,
-                    BA=BA,
-                    BB=BA,
-                    REVERSE=rev,
-                    B_EXACT=True,
-                    SPLIT_FP16=False,
-                    num_warps=nw,
+                    kn, kn, h0, s_all, fin, kn, kn, h0, s_all, fin, g, beta, T, H, NT, D, D, 1.0, D, D, 1.0,
+                    C=32, BA=BA, BB=BA, REVERSE=rev, PAIRED=False, EVERY=1, EVERY2=1, B_EXACT=True,
+                    B2_EXACT=True, SPLIT_FP16=False, num_warps=nw,
                 )
             )
     return r
@@ -112,18 +114,25 @@ def write(out: Path, meta: dict, rows: list) -> None:
         f"# bench_passes: {meta['card']} ({meta['sms']} SMs), torch {meta['torch']}, "
         f"triton {meta['triton']}, read-out chunks {meta['readout_chunks']}",
         "",
-        "ms (medians), K = V = 128; scan None = what the launcher picks",
+        "ms (medians), K = V = 128; picked = what the launcher picks without given states",
         "",
         "| B | T | H | read-out scan / states / picked | adjoint scan / states / picked "
-        "| G pass of the read-out from states | forward pass 64 / 32 tiles | reverse pass 64 / 32 tiles |",
-        "|---|---|---|---|---|---|---|---|",
+        "| G pass of the read-out from states | read-out / adjoint from given states "
+        "| H pass / H + G paired | reverse passes H, G / paired "
+        "| forward pass 64 / 32 tiles | reverse pass 64 / 32 tiles |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
             " / ".join(f"{r[f'{k}_scan{s}_ms']:.2f}" for s in (True, False, None))
             for k in ("readout", "adjoint")
         ]
-        cells += [f"{r['g_pass_ms']:.2f}"] + [
+        cells += [
+            f"{r['g_pass_ms']:.2f}",
+            f"{r['readout_from_given_states_ms']:.2f} / {r['adjoint_from_given_states_ms']:.2f}",
+            f"{r['passes_h_ms']:.2f} / {r['passes_hg_ms']:.2f}",
+            f"{r['passes_rev_h_ms']:.2f}, {r['passes_rev_g_ms']:.2f} / {r['passes_rev_hg_ms']:.2f}",
+        ] + [
             " / ".join(f"{r[f'state_rev{rev}_tile{t}_ms']:.2f}" for t in (64, 32)) for rev in (False, True)
         ]
         lines.append(f"| {r['B']} | {r['T']} | {r['H']} | " + " | ".join(cells) + " |")

@@ -33,8 +33,8 @@ CASES = {
     "f32_zero_steps": (1, 16, 2, 16, 16, torch.float32, 16, 0, 0.0, True),
     # V padded to 256: the adjoint read-out scan splits K = 48 into two blocks of 32 rows
     "f32_k48_v160_blocks": (1, 45, 1, 48, 160, torch.float32, 16, 40, 0.0, True),
-    # run as if on a GPU with few programs per SM (LOW_OCCUPANCY): read-outs from a G state pass,
-    # 32 x 32 state tiles (masked at K = 48, V = 160)
+    # run as if on a GPU with few programs per SM (LOW_OCCUPANCY): the adjoint read-out from the G states
+    # of the backward's paired launch too, 32 x 32 state tiles (masked at K = 48, V = 160)
     "f32_k48_v160_low_occupancy": (2, 45, 2, 48, 160, torch.float32, 16, 40, 0.0, True),
 }
 LOW_OCCUPANCY = {"f32_k48_v160_low_occupancy"}
@@ -91,29 +91,41 @@ def _run_cases(path: str) -> None:
 def _readout_paths(device: str) -> dict:
     """Read-out o and adjoint dx with their final G, by the scan and from a G state pass (both paths of
     chunk_output.py), both paths at each chunk length the launchers use (READOUT_CHUNKS), on inputs
-    where the adjoint splits K into two blocks: {chunk: {scan: (o, G, dx, G)}}."""
+    where the adjoint splits K into two blocks: {"chunks": {chunk: {scan: (o, G, dx, G)}}}; and from the
+    G states of a launch paired with the H pass at chunk 32, as chunk_fwd / chunk_bwd run it:
+    {"paired": (o, G, dx, G), "h": (H states of the paired launch, of the H pass alone)}."""
     from mesa_compile.ops.kernels import chunk_output
     from mesa_compile.ops.kernels.chunk_cg import _use_fp16_split
+    from mesa_compile.ops.kernels.chunk_states import StatePass, chunk_state_passes
 
     dtype = torch.float16 if device == "cpu" else torch.bfloat16
     B, T, H, K, V = (2, 75, 2, 48, 160) if device == "cpu" else (2, 700, 3, 128, 96)
-    q, k, v, g, beta, _, _, h_kv = make_inputs(B, T, H, K, V, dtype, device)
+    q, k, v, g, beta, _, h_kk, h_kv = make_inputs(B, T, H, K, V, dtype, device)
     x, do = torch.randn(B, T, H, K, device=device), torch.randn(B, T, H, V, device=device).to(dtype)
+
+    def both(scan, states=None):
+        # o kept in fp32: a 16-bit o would turn 1-ulp differences of G_c into rounding flips
+        o, dx = torch.empty(B, T, H, V, device=device), torch.empty_like(x)
+        split = _use_fp16_split()
+        g_o = chunk_output.chunk_readout(x, k, v, g, beta, h_kv, o, split, scan=scan, states=states)
+        g_dx = chunk_output.chunk_readout_adjoint(do, k, v, g, beta, h_kv, dx, split, scan=scan,
+                                                  states=states)
+        return o, g_o, dx, g_dx
+
     chunks = chunk_output.READOUT_CHUNKS
-    out = {}
+    out = {"chunks": {}}
     try:
         for chunk in sorted(set(chunks.values())):
             chunk_output.READOUT_CHUNKS = dict.fromkeys(chunks, chunk)
-            out[chunk] = {}
-            for scan in (True, False):
-                # o kept in fp32: a 16-bit o would turn 1-ulp differences of G_c into rounding flips
-                o, dx = torch.empty(B, T, H, V, device=device), torch.empty_like(x)
-                g_o = chunk_output.chunk_readout(x, k, v, g, beta, h_kv, o, _use_fp16_split(), scan=scan)
-                g_dx = chunk_output.chunk_readout_adjoint(do, k, v, g, beta, h_kv, dx, _use_fp16_split(),
-                                                          scan=scan)
-                out[chunk][scan] = (o, g_o, dx, g_dx)
+            out["chunks"][chunk] = {scan: both(scan) for scan in (True, False)}
     finally:
         chunk_output.READOUT_CHUNKS = chunks
+    h_pass = StatePass(k, k, h_kk)
+    g_pass = chunk_output.readout_state_pass(k, v, h_kv, 32)
+    h_paired, g_states = chunk_state_passes([h_pass, g_pass], g, beta, 32, False, _use_fp16_split())
+    h_alone = chunk_state_passes([h_pass], g, beta, 32, False, _use_fp16_split())[0]
+    out["paired"] = both(False, g_states)
+    out["h"] = (h_paired, h_alone)
     return out
 
 
@@ -138,12 +150,18 @@ def _relaxed_solves() -> dict:
 def _check_readout_paths(res: dict) -> None:
     """At one chunk length, the same products in the same order: equal up to the fp32 summation order of
     the dots (1e-6); across chunk lengths, the order of the state updates differs too (1e-5)."""
-    first = res[min(res)][True]
-    for chunk, paths in res.items():
-        names = ("o", "G (read-out)", "dx", "G (adjoint)")
+    names = ("o", "G (read-out)", "dx", "G (adjoint)")
+    first = res["chunks"][min(res["chunks"])][True]
+    for chunk, paths in res["chunks"].items():
         for name, a, b, c in zip(names, paths[True], paths[False], first):
             assert torch.isfinite(a).all() and rel(a, b) <= 1e-6, (chunk, name, rel(a, b))
             assert rel(b, c) <= 1e-5, (chunk, name, rel(b, c))
+    # G states stored every 2nd chunk of 32 by the paired launch: the states of chunk 64, with the updates
+    # of 32 rows each; the H states of that launch are the H pass's, bit for bit
+    for name, a, b in zip(names, res["paired"], first):
+        assert torch.isfinite(a).all() and rel(a, b) <= 1e-5, ("paired", name, rel(a, b))
+    for a, b in zip(*res["h"]):
+        assert torch.equal(a, b)
 
 
 @pytest.fixture(scope="module")

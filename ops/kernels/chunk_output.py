@@ -11,15 +11,17 @@ Two ways to get G_c, one kernel each for the read-out and the adjoint (constexpr
   and walks the chunks in order, writing o (dX) chunk by chunk and the final G at the end. G_c never
   goes to memory.
 - from states: a G state pass (chunk_states.py) writes every G_c as a (hi, lo) pair, then one program
-  per (block, chunk) runs the same per-chunk products.
+  per (block, chunk) runs the same per-chunk products, with all of K (adjoint) or blocks of 128 V
+  columns (read-out): G_c comes from shared memory, so a block is not bound by registers. The forward
+  and backward run the G pass in the same launch as their H pass (chunk_state_passes).
 NOTE: the scan has only 2 programs per (batch, head) at K = V = 128, each walking all T / 32 chunks.
-H100, ms, scan / from states, both at chunk 32: B=8 T=2048 H=16 read-out 0.49 / 0.69, adjoint 0.33 /
-0.67; B=1 T=8192 H=4 read-out 1.48 / 0.42, adjoint 1.02 / 0.50; they met between B x H = 32 and 64 (64
-and 128 scan programs on 132 SMs; benchmarks/NOTES-kernels.md, round 6). The path from states now runs
-at chunk 64 (READOUT_CHUNKS), which moves the read-out's crossover to between B x H = 96 and 128 (the
-launchers' NOTEs; round 11). At one chunk length the state pass's update is the scan's, term for term:
-on the GPU, o and the read-out's final G came out bit-identical by both ways; dX and the adjoint's
-final G agree up to the fp32 order of the dots.
+H100, ms, at chunk 32 / 64 (READOUT_CHUNKS); read-out: scan against G pass paired with the H pass +
+kernel from states (the H pass alone subtracted): B=8 T=2048 H=16 0.49 against 0.19 + 0.25, B=16
+T=2048 H=16 0.94 against 0.38 + 0.47, B=1 T=8192 H=4 1.46 against ~0 + 0.04 (benchmarks/NOTES-kernels.md,
+round 12): the read-out runs from states at every shape measured. The adjoint scan still wins from
+B x H = 96 at K = V = 128 (adjoint_scans). At one chunk length the state pass's update is the scan's,
+term for term: on the GPU, o and the read-out's final G came out bit-identical by both ways; dX and
+the adjoint's final G agree up to the fp32 order of the dots.
 Products are split like every product of the chunk kernels (chunk_common.py).
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .chunk_common import fills_device, mm, mm_pre, split_pair
-from .chunk_states import chunk_state_pass
+from .chunk_states import StatePass, chunk_state_passes
 
 # Chunk lengths of the read-outs by path, independent of the CG's chunks. NOTE: H100, triton 3.6, ms at
 # chunk 32 / 64 (V blocks of 64, 4 warps): scan (B=8 T=2048 H=16) read-out 0.535 / 0.772, adjoint 0.327 /
@@ -208,64 +210,101 @@ def _readout_adjoint_kernel(
         tl.store(sfin_ptr + tile, state, mask=kv_mask)
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    return max(16, triton.next_power_of_2(K)), max(16, triton.next_power_of_2(V))
-
-
-def _launch(kernel, ins, h_kv: torch.Tensor, out: torch.Tensor, blocks: int, scan: bool | None,
-            scan_per_sm: float, BK: int, BV: int, split_fp16: bool) -> torch.Tensor:
-    """Run a read-out kernel as a scan (scan=True) or from the chunk-start states of a G state pass
-    (scan=False); None picks the scan when its programs (blocks per (batch, head)) give each streaming
-    multiprocessor at least scan_per_sm (module NOTE)."""
-    k, v, g, beta = ins[1:5]
+def _launch(kernel, ins, out: torch.Tensor, blocks: int, states: tuple[torch.Tensor, torch.Tensor] | None,
+            h_kv: torch.Tensor, BK: int, BV: int, split_fp16: bool) -> torch.Tensor:
+    """Run a read-out kernel as a scan from the initial G h_kv (states None) or from chunk-start states
+    (states: (stored G_c at READOUT_CHUNKS["states"], final G) of a G state pass); returns the final G."""
+    k, v = ins[1:3]
     B, T, H, K = k.shape
     V = v.shape[-1]
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
-    if scan is None:
-        scan = fills_device(blocks * B * H, k.device, scan_per_sm)
+    scan = states is None
     C = READOUT_CHUNKS["scan" if scan else "states"]
     if scan:
-        states = h_kv
+        s_in = h_kv
         s_fin = torch.empty(B, H, K, V, device=k.device, dtype=torch.float32)
         grid = (blocks, B * H)
     else:
-        states, s_fin = chunk_state_pass(k, v, g, beta, h_kv, C, False, 1.0, split_fp16)
+        s_in, s_fin = states
         grid = (blocks, B * H, triton.cdiv(T, C))
     torch.library.wrap_triton(kernel)[grid](
-        *ins, states, out, s_fin, T, H, K, V,
+        *ins, s_in, out, s_fin, T, H, K, V,
         C=C, BK=BK, BV=BV, SCAN=scan, K_EXACT=k.dtype == split_dt, V_EXACT=v.dtype == split_dt,
         SPLIT_FP16=split_fp16, num_warps=4, num_stages=1,
     )
     return s_fin
 
 
+def adjoint_scans(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the adjoint read-out scans G rather than reading G_c from states: when the scan's programs
+    give each streaming multiprocessor at least 1.2. NOTE: H100, K=V=128, ms, H pass + adjoint scan
+    against H + G paired pass + adjoint from states: B x H = 32 (T=4096) 0.74 / 0.41, 64 0.85 / 0.75, 96
+    1.09 / 1.21, 128 (T=2048) 0.61 / 0.74, 256 1.17 / 1.44 (benchmarks/NOTES-kernels.md, round 12)."""
+    B, T, H, K = k.shape
+    return fills_device(triton.cdiv(K, _adjoint_scan_block_k(K, v.shape[-1])) * B * H, k.device, 1.2)
+
+
+def readout_state_pass(k: torch.Tensor, v: torch.Tensor, h_kv: torch.Tensor, chunk_size: int = 0
+                       ) -> StatePass:
+    """The G state pass that the read-outs from states read: at READOUT_CHUNKS["states"], or at
+    chunk_size storing every n-th state (to run in one launch with another pass at chunk_size)."""
+    every = READOUT_CHUNKS["states"] // chunk_size if chunk_size else 1
+    return StatePass(k, v, h_kv, 1.0, every)
+
+
+def _g_states(k, v, g, beta, h_kv, split_fp16, scan, states):
+    """(stored G_c, final G) for a read-out from states (the given ones, or a G state pass run here), or
+    None for a scan."""
+    if scan:
+        return None
+    if states is None:
+        C = READOUT_CHUNKS["states"]
+        states = chunk_state_passes([readout_state_pass(k, v, h_kv)], g, beta, C, False, split_fp16)[0]
+    return states
+
+
 def chunk_readout(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                  h_kv: torch.Tensor, o: torch.Tensor, split_fp16: bool, scan: bool | None = None
-                  ) -> torch.Tensor:
+                  h_kv: torch.Tensor, o: torch.Tensor, split_fp16: bool, scan: bool = False,
+                  states: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Write o (B, T, H, V) from q* x (B, T, H, K) fp32 and the initial G h_kv (B, H, K, V) fp32; returns
-    the final G (B, H, K, V) fp32. k, v contiguous; g, beta (B, T, H) fp32 contiguous. scan: True
-    scans G, False reads G_c from a state pass, None picks by the number of programs (module NOTE)."""
-    BK, BVF = _blocks(k.shape[-1], v.shape[-1])
-    # NOTE: H100, B=8 T=2048 H=16 K=V=128 (scan): V blocks of 64 / 4 warps / 1 stage 0.48 ms; 64/4/2
-    # 0.57, 64/8/2 0.67, 32/4/2 0.70 (benchmarks/NOTES-kernels.md, round 5)
-    BV = min(64, BVF)
-    # NOTE: H100, K=V=128, ms scan / from states at chunk 64: B x H = 32 (T=4096) 0.75 / 0.31, 64 0.78 /
-    # 0.60, 96 0.94 / 0.86; 128 (T=2048) 0.48 / 0.55, so the scan from 1.5 programs per SM
-    # (benchmarks/NOTES-kernels.md, round 11)
-    return _launch(_readout_kernel, (x, k, v, g, beta), h_kv, o, triton.cdiv(v.shape[-1], BV), scan, 1.5,
-                   BK, BV, split_fp16)
+    the final G (B, H, K, V) fp32. k, v contiguous; g, beta (B, T, H) fp32 contiguous. Reads G_c from
+    states: the result of readout_state_pass's pass run by the caller (chunk_cg.chunk_fwd runs it with
+    the H pass), else a G state pass run here. scan=True scans G instead: slower at every shape measured
+    (module NOTE), kept as the independent check of the path from states (tests, benchmarks)."""
+    states = _g_states(k, v, g, beta, h_kv, split_fp16, scan, states)
+    BK = max(16, triton.next_power_of_2(k.shape[-1]))
+    BVF = max(16, triton.next_power_of_2(v.shape[-1]))
+    # NOTE: H100, B=8 T=2048 H=16 K=V=128: scan V blocks of 64 / 4 warps / 1 stage 0.48 ms; 64/4/2 0.57,
+    # 64/8/2 0.67, 32/4/2 0.70 (benchmarks/NOTES-kernels.md, round 5); from states at chunk 64 (kernel
+    # alone) 128 / 4 warps 0.25 ms, 64/4 0.33, 128/8 0.33, 32/4 0.37 (round 12)
+    BV = min(64 if states is None else 128, BVF)
+    return _launch(_readout_kernel, (x, k, v, g, beta), o, triton.cdiv(v.shape[-1], BV), states, h_kv, BK, BV,
+                   split_fp16)
+
+
+def _adjoint_scan_block_k(K: int, V: int) -> int:
+    # a block of K rows x all V columns of G stays within 64 fp32 registers per thread at 4 warps.
+    # NOTE: H100, K=V=128 (scan): K blocks of 64 / 4 warps 0.33 ms (1 or 2 stages), 64 / 8 / 2 0.48,
+    # 32 / 4 / 2 0.40 (benchmarks/NOTES-kernels.md, round 5)
+    return max(16, min(triton.next_power_of_2(K), 8192 // max(16, triton.next_power_of_2(V))))
 
 
 def chunk_readout_adjoint(do: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                           beta: torch.Tensor, h_kv: torch.Tensor, dx: torch.Tensor, split_fp16: bool,
-                          scan: bool | None = None) -> torch.Tensor:
+                          scan: bool | None = None, states: tuple[torch.Tensor, torch.Tensor] | None = None
+                          ) -> torch.Tensor:
     """Write dx (B, T, H, K) fp32, the adjoint of the read-out applied to do (B, T, H, V) (in v's
-    dtype), from the initial G h_kv; returns the final G. Other arguments as for chunk_readout."""
-    BKF, BV = _blocks(k.shape[-1], v.shape[-1])
-    # a block of K rows x all V columns of G stays within 64 fp32 registers per thread at 4 warps.
-    # NOTE: H100, K=V=128 (scan): K blocks of 64 / 4 warps 0.33 ms (1 or 2 stages), 64 / 8 / 2 0.48,
-    # 32 / 4 / 2 0.40 (benchmarks/NOTES-kernels.md, round 5)
-    BK = max(16, min(BKF, 8192 // BV))
-    # NOTE: same runs, adjoint: 32 0.52 / 0.28, 64 0.55 / 0.54, 96 0.62 / 0.77: the scan from 0.5 per SM
-    return _launch(_readout_adjoint_kernel, (do, k, v, g, beta), h_kv, dx, triton.cdiv(k.shape[-1], BK), scan,
-                   0.5, BK, BV, split_fp16)
+    dtype), from the initial G h_kv; returns the final G. scan: True scans G, False reads G_c from
+    states (given, or a G state pass run here), None picks by adjoint_scans; other arguments as for
+    chunk_readout."""
+    if scan is None:
+        scan = states is None and adjoint_scans(k, v)
+    states = _g_states(k, v, g, beta, h_kv, split_fp16, scan, states)
+    K, BV = k.shape[-1], max(16, triton.next_power_of_2(v.shape[-1]))
+    # from states the G_c^T tile comes from shared memory, not registers: whole K up to 64 KiB of (hi, lo).
+    # NOTE: H100, B=8 T=2048 H=16 K=V=128, kernel alone at chunk 64: K blocks of 128 / 4 warps 0.23 ms,
+    # 64/4 0.27, 128/8 0.31, 32/4 0.30 (benchmarks/NOTES-kernels.md, round 12)
+    BK = (_adjoint_scan_block_k(K, BV) if states is None
+          else max(16, min(triton.next_power_of_2(K), 16384 // BV)))
+    return _launch(_readout_adjoint_kernel, (do, k, v, g, beta), dx, triton.cdiv(K, BK), states, h_kv,
+                   BK, BV, split_fp16)

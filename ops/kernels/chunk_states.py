@@ -1,7 +1,8 @@
 """Chunk-boundary state passes of the chunkwise MesaNet (forward states and adjoint states).
 
-One kernel serves both directions. A program owns a (BA x BB) tile of a per-(batch, head) state S
-and walks the chunks sequentially, storing S at every chunk boundary, then updating it:
+One kernel serves both directions, and runs one or two passes per launch (chunk_state_passes). A
+program owns a (BA x BB) tile of a per-(batch, head) state S and walks the chunks sequentially, storing
+S at every chunk boundary (a forward pass may store every n-th only), then updating it:
   forward  (REVERSE=False): stores S at each chunk START, then S <- e^{b_L} S + (A * w)^T B,
            w_s = e^{b_L - b_s} beta_s, with (A, B) = (k, k) for H, and (k, v) for G where the
            read-out kernels (chunk_output.py) read G_c from states instead of scanning G themselves.
@@ -13,6 +14,9 @@ gradient kernels feed them to the tensor cores as loaded, which keeps them in sh
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -21,32 +25,20 @@ from .chunk_common import fills_device, mm, split_hi, split_lo
 
 
 @triton.jit
-def _chunk_state_kernel(
-    a_ptr,  # (B, T, H, DA)
-    b_ptr,  # (B, T, H, DB)
-    g_ptr,  # (B, T, H) fp32 log decay
-    beta_ptr,  # (B, T, H) fp32
-    s0_ptr,  # (B, H, DA, DB) fp32 state entering the pass
-    s_all_ptr,  # (B, NT, H, 2, DA, DB) state at each chunk boundary as (hi, lo) in the split dtype
-    s_fin_ptr,  # (B, H, DA, DB) fp32 state leaving the pass
-    T, H, DA, DB, NT, a_scale,
-    C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr,
-    B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
-):
-    pid_a = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    bb = (pid_bh // H).to(tl.int64)
-    hh = (pid_bh % H).to(tl.int64)
+def _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb, hh, T, H, DA, DB, NT,
+                a_scale, C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr,
+                EVERY: tl.constexpr, B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+    """One state pass of one (batch, head) over the program's (BA x BB) tile (module docstring); stores the
+    state at every EVERY-th chunk start (forward) or at every chunk end (reverse, EVERY = 1)."""
     a_scale = tl.cast(a_scale, tl.float32)
-
-    ia = pid_a * BA + tl.arange(0, BA)  # (BA,)
-    ib = pid_b * BB + tl.arange(0, BB)  # (BB,)
+    ia = tl.program_id(0) * BA + tl.arange(0, BA)  # (BA,)
+    ib = tl.program_id(1) * BB + tl.arange(0, BB)  # (BB,)
     ma = ia < DA
     mb = ib < DB
     rows = tl.arange(0, C)  # (C,)
     tile = ia[:, None] * DB + ib[None, :]  # (BA, BB)
     tmask = ma[:, None] & mb[None, :]
+    n_stored = tl.cdiv(NT, EVERY)
 
     s = tl.load(s0_ptr + (bb * H + hh) * DA * DB + tile, mask=tmask, other=0.0).to(tl.float32)
     for i in range(NT):
@@ -54,10 +46,11 @@ def _chunk_state_kernel(
             c = NT - 1 - i
         else:
             c = i
-        s_hi = split_hi(s, SPLIT_FP16)
-        base = ((bb * NT + c) * H + hh) * 2 * DA * DB
-        tl.store(s_all_ptr + base + tile, s_hi, mask=tmask)
-        tl.store(s_all_ptr + base + DA * DB + tile, split_lo(s, s_hi, SPLIT_FP16), mask=tmask)
+        if c % EVERY == 0:
+            s_hi = split_hi(s, SPLIT_FP16)
+            base = ((bb * n_stored + c // EVERY) * H + hh) * 2 * DA * DB
+            tl.store(s_all_ptr + base + tile, s_hi, mask=tmask)
+            tl.store(s_all_ptr + base + DA * DB + tile, split_lo(s, s_hi, SPLIT_FP16), mask=tmask)
         t = c * C + rows  # (C,)
         tm = t < T
         tok = (bb * T + t) * H + hh  # (C,) token index
@@ -78,45 +71,106 @@ def _chunk_state_kernel(
     tl.store(s_fin_ptr + (bb * H + hh) * DA * DB + tile, s, mask=tmask)
 
 
+@triton.jit
+def _chunk_state_kernel(
+    a_ptr,  # (B, T, H, DA)
+    b_ptr,  # (B, T, H, DB)
+    s0_ptr,  # (B, H, DA, DB) fp32 state entering the pass
+    s_all_ptr,  # (B, cdiv(NT, EVERY), H, 2, DA, DB) stored states as (hi, lo) in the split dtype
+    s_fin_ptr,  # (B, H, DA, DB) fp32 state leaving the pass
+    a2_ptr, b2_ptr, s02_ptr, s2_all_ptr, s2_fin_ptr,  # the second pass (PAIRED), same layouts with DA2, DB2
+    g_ptr,  # (B, T, H) fp32 log decay
+    beta_ptr,  # (B, T, H) fp32
+    T, H, NT, DA, DB, a_scale, DA2, DB2, a2_scale,
+    C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr, PAIRED: tl.constexpr,
+    EVERY: tl.constexpr, EVERY2: tl.constexpr, B_EXACT: tl.constexpr, B2_EXACT: tl.constexpr,
+    SPLIT_FP16: tl.constexpr,
+):
+    # grid axis 2: (batch, head) of the first pass, then (PAIRED) of the second
+    n_bh = tl.num_programs(2)
+    if PAIRED:
+        n_bh = n_bh // 2
+    pid_bh = tl.program_id(2)
+    first = pid_bh < n_bh
+    pid_bh = pid_bh % n_bh
+    bb = (pid_bh // H).to(tl.int64)
+    hh = (pid_bh % H).to(tl.int64)
+    if first:
+        _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb, hh, T, H, DA, DB, NT,
+                    a_scale, C, BA, BB, REVERSE, EVERY, B_EXACT, SPLIT_FP16)
+    elif PAIRED:
+        _state_walk(a2_ptr, b2_ptr, g_ptr, beta_ptr, s02_ptr, s2_all_ptr, s2_fin_ptr, bb, hh, T, H, DA2, DB2,
+                    NT, a2_scale, C, BA, BB, REVERSE, EVERY2, B2_EXACT, SPLIT_FP16)
+
+
 def _block(d: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(d)))
 
 
-def chunk_state_pass(
-    a: torch.Tensor,  # (B, T, H, DA)
-    b: torch.Tensor,  # (B, T, H, DB)
-    g: torch.Tensor,  # (B, T, H) fp32
-    beta: torch.Tensor,  # (B, T, H) fp32
-    s0: torch.Tensor,  # (B, H, DA, DB) fp32
-    chunk_size: int,
-    reverse: bool,
-    a_scale: float,
-    split_fp16: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one state pass; returns (states at every chunk boundary as (B, NT, H, 2, DA, DB) (hi, lo)
-    pairs in the split dtype, final state (B, H, DA, DB) fp32)."""
-    B, T, H, DA = a.shape
-    DB = b.shape[-1]
+class StatePass(NamedTuple):
+    """One state pass: S <- e^{b_L} S + a_scale (a * w)^T b chunk by chunk from s0 (module docstring);
+    a forward pass stores S at every `every`-th chunk start (so a pass at chunk C with every = 2 gives the
+    states of chunk 2C)."""
+
+    a: torch.Tensor  # (B, T, H, DA)
+    b: torch.Tensor  # (B, T, H, DB)
+    s0: torch.Tensor  # (B, H, DA, DB) fp32
+    a_scale: float = 1.0
+    every: int = 1
+
+
+def chunk_state_passes(passes: Sequence[StatePass], g: torch.Tensor, beta: torch.Tensor, chunk_size: int,
+                       reverse: bool, split_fp16: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run one or two state passes over the same gates (g, beta: (B, T, H) fp32) in one launch; returns,
+    per pass, (its stored states as (B, cdiv(NT, every), H, 2, DA, DB) (hi, lo) pairs in the split dtype,
+    its final state (B, H, DA, DB) fp32). Every program walks all chunks of its sequence, a chain of
+    dependent updates, so a pass does not fill the device: a second pass in the same launch runs in the
+    slots the first leaves idle. NOTE: H100, B=8 T=2048 H=16 K=V=128, the forward H pass at chunk 32
+    took 0.26 ms on its 4 tiles per (batch, head) and 0.19 ms on 2 of them (benchmarks/NOTES-kernels.md,
+    round 12)."""
+    if not 1 <= len(passes) <= 2:
+        raise ValueError(f"one or two state passes per launch, got {len(passes)}")
+    if reverse and any(p.every != 1 for p in passes):
+        raise ValueError("a reverse state pass stores every chunk end")
+    B, T, H, _ = passes[0].a.shape
     NT = triton.cdiv(T, chunk_size)
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
-    s_all = torch.empty(B, NT, H, 2, DA, DB, device=a.device, dtype=split_dt)
-    s_fin = torch.empty(B, H, DA, DB, device=a.device, dtype=torch.float32)
+    outs = []
+    for p in passes:
+        DA, DB = p.a.shape[-1], p.b.shape[-1]
+        stored = torch.empty(B, triton.cdiv(NT, p.every), H, 2, DA, DB, device=p.a.device, dtype=split_dt)
+        outs.append((stored, torch.empty(B, H, DA, DB, device=p.a.device, dtype=torch.float32)))
     # 64 x 64 tiles, or 32 x 32 where there would be too few programs (each walks all chunks); a 4-warp
     # reverse program needs fewer of them. NOTE: H200, K = V = 128, T = 4096 (8192 at B x H = 4, 2048
     # at 128), ms for 64- / 32-tiles at B x H = 4, 32, 64, 96, 128: forward 0.52/0.35, 0.28/0.22,
     # 0.33/0.29, 0.40/0.49, 0.24/0.29; reverse 0.43/0.33, 0.24/0.23, 0.30/0.46, 0.37/0.67, 0.31/0.46
     # (benchmarks/NOTES-kernels.md, round 6)
     per_sm = 1.0 if reverse else 2.5
-    cap = 64 if fills_device(triton.cdiv(DA, 64) * triton.cdiv(DB, 64) * B * H, a.device, per_sm) else 32
-    BA, BB = _block(DA, cap), _block(DB, cap)
-    grid = (triton.cdiv(DA, BA), triton.cdiv(DB, BB), B * H)
+    tiles64 = sum(triton.cdiv(p.a.shape[-1], 64) * triton.cdiv(p.b.shape[-1], 64) for p in passes) * B * H
+    cap = 64 if fills_device(tiles64, g.device, per_sm) else 32
+    BA = max(_block(p.a.shape[-1], cap) for p in passes)
+    BB = max(_block(p.b.shape[-1], cap) for p in passes)
+    grid = (max(triton.cdiv(p.a.shape[-1], BA) for p in passes),
+            max(triton.cdiv(p.b.shape[-1], BB) for p in passes), B * H * len(passes))
+    second = passes[-1]
     torch.library.wrap_triton(_chunk_state_kernel)[grid](
-        a, b, g, beta, s0, s_all, s_fin, T, H, DA, DB, NT, a_scale,
-        C=chunk_size, BA=BA, BB=BB, REVERSE=reverse,
-        B_EXACT=b.dtype == split_dt, SPLIT_FP16=split_fp16,
+        passes[0].a, passes[0].b, passes[0].s0, *outs[0], second.a, second.b, second.s0, *outs[-1], g, beta,
+        T, H, NT, passes[0].a.shape[-1], passes[0].b.shape[-1], passes[0].a_scale,
+        second.a.shape[-1], second.b.shape[-1], second.a_scale,
+        C=chunk_size, BA=BA, BB=BB, REVERSE=reverse, PAIRED=len(passes) == 2,
+        EVERY=passes[0].every, EVERY2=second.every,
+        B_EXACT=passes[0].b.dtype == split_dt, B2_EXACT=second.b.dtype == split_dt, SPLIT_FP16=split_fp16,
         # NOTE: H100, B=8 T=2048 H=16 K=128, chunk 32: the forward H pass took 0.26 ms at 2 warps
         # against 0.36 ms at 4; the reverse passes 0.37 / 0.35 ms at 4 warps, no faster at 2
         # (benchmarks/NOTES-kernels.md, round 5)
         num_warps=4 if reverse else 2,
     )
-    return s_all, s_fin
+    return outs
+
+
+def chunk_state_pass(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, s0: torch.Tensor,
+                     chunk_size: int, reverse: bool, a_scale: float, split_fp16: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One state pass storing every chunk boundary (chunk_state_passes): returns (states (B, NT, H, 2,
+    DA, DB) as (hi, lo) pairs, final state (B, H, DA, DB) fp32)."""
+    return chunk_state_passes([StatePass(a, b, s0, a_scale)], g, beta, chunk_size, reverse, split_fp16)[0]
