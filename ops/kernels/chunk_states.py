@@ -27,9 +27,10 @@ from .chunk_common import fills_device, mm, split_hi, split_lo
 @triton.jit
 def _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb, hh, T, H, DA, DB, NT,
                 a_scale, C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr,
-                EVERY: tl.constexpr, B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+                EVERY: tl.constexpr, B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr, UNROLL: tl.constexpr):
     """One state pass of one (batch, head) over the program's (BA x BB) tile (module docstring); stores the
-    state at every EVERY-th chunk start (forward) or at every chunk end (reverse, EVERY = 1)."""
+    state at every EVERY-th chunk start (forward) or at every chunk end (reverse, EVERY = 1); the chunk
+    loop unrolled UNROLL times."""
     a_scale = tl.cast(a_scale, tl.float32)
     ia = tl.program_id(0) * BA + tl.arange(0, BA)  # (BA,)
     ib = tl.program_id(1) * BB + tl.arange(0, BB)  # (BB,)
@@ -41,7 +42,7 @@ def _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb,
     n_stored = tl.cdiv(NT, EVERY)
 
     s = tl.load(s0_ptr + (bb * H + hh) * DA * DB + tile, mask=tmask, other=0.0).to(tl.float32)
-    for i in range(NT):
+    for i in tl.range(NT, loop_unroll_factor=UNROLL):
         if REVERSE:
             c = NT - 1 - i
         else:
@@ -84,7 +85,7 @@ def _chunk_state_kernel(
     T, H, NT, DA, DB, a_scale, DA2, DB2, a2_scale,
     C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr, PAIRED: tl.constexpr,
     EVERY: tl.constexpr, EVERY2: tl.constexpr, B_EXACT: tl.constexpr, B2_EXACT: tl.constexpr,
-    SPLIT_FP16: tl.constexpr,
+    SPLIT_FP16: tl.constexpr, UNROLL: tl.constexpr,
 ):
     # grid axis 2: (batch, head) of the first pass, then (PAIRED) of the second
     n_bh = tl.num_programs(2)
@@ -97,10 +98,10 @@ def _chunk_state_kernel(
     hh = (pid_bh % H).to(tl.int64)
     if first:
         _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb, hh, T, H, DA, DB, NT,
-                    a_scale, C, BA, BB, REVERSE, EVERY, B_EXACT, SPLIT_FP16)
+                    a_scale, C, BA, BB, REVERSE, EVERY, B_EXACT, SPLIT_FP16, UNROLL)
     elif PAIRED:
         _state_walk(a2_ptr, b2_ptr, g_ptr, beta_ptr, s02_ptr, s2_all_ptr, s2_fin_ptr, bb, hh, T, H, DA2, DB2,
-                    NT, a2_scale, C, BA, BB, REVERSE, EVERY2, B2_EXACT, SPLIT_FP16)
+                    NT, a2_scale, C, BA, BB, REVERSE, EVERY2, B2_EXACT, SPLIT_FP16, UNROLL)
 
 
 def _block(d: int, cap: int) -> int:
@@ -164,6 +165,12 @@ def chunk_state_passes(passes: Sequence[StatePass], g: torch.Tensor, beta: torch
         # against 0.36 ms at 4; the reverse passes 0.37 / 0.35 ms at 4 warps, no faster at 2
         # (benchmarks/NOTES-kernels.md, round 5)
         num_warps=4 if reverse else 2,
+        # the chunk loop unrolled twice overlaps one chunk's loads and products with the other's state
+        # update. NOTE: H100, ms, unrolled 1 / 2: forward H pass B=8 T=2048 H=16 0.286 / 0.281, paired
+        # with G 0.482 / 0.459; B=1 T=8192 H=4 (32 x 32 tiles) 0.351 / 0.264, paired 0.318 / 0.249;
+        # unrolled 4 times, 0.59 and 1.18 at B=8; the paired reverse passes at B=8 0.679 / 0.711
+        # (benchmarks/NOTES-kernels.md, round 12)
+        UNROLL=1 if reverse else 2,
     )
     return outs
 
