@@ -102,7 +102,8 @@ def measure(B: int, T: int, H: int, D: int = 128) -> dict:
                 lambda: chunk_states._chunk_state_kernel[grid](
                     kn, kn, h0, s_all, fin, kn, kn, h0, s_all, fin, g, beta, T, H, NT, D, D, 1.0, D, D, 1.0,
                     C=32, BA=BA, BB=BA, REVERSE=rev, PAIRED=False, EVERY=1, EVERY2=1, B_EXACT=True,
-                    B2_EXACT=True, SPLIT_FP16=False, num_warps=nw, UNROLL=1 if rev else 2,
+                    B2_EXACT=True, SPLIT_FP16=False, num_warps=nw,
+                    UNROLL=1 if rev else 2,  # as the launchers at chunk 32
                 )
             )
     return r

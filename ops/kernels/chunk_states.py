@@ -165,12 +165,12 @@ def chunk_state_passes(passes: Sequence[StatePass], g: torch.Tensor, beta: torch
         # against 0.36 ms at 4; the reverse passes 0.37 / 0.35 ms at 4 warps, no faster at 2
         # (benchmarks/NOTES-kernels.md, round 5)
         num_warps=4 if reverse else 2,
-        # the chunk loop unrolled twice overlaps one chunk's loads and products with the other's state
-        # update. NOTE: H100, ms, unrolled 1 / 2: forward H pass B=8 T=2048 H=16 0.286 / 0.281, paired
-        # with G 0.482 / 0.459; B=1 T=8192 H=4 (32 x 32 tiles) 0.351 / 0.264, paired 0.318 / 0.249;
-        # unrolled 4 times, 0.59 and 1.18 at B=8; the paired reverse passes at B=8 0.679 / 0.711
-        # (benchmarks/NOTES-kernels.md, round 12)
-        UNROLL=1 if reverse else 2,
+        # a forward chunk loop of 32 rows unrolled twice overlaps one chunk's loads and products with the
+        # other's state update. NOTE: H100, ms, unrolled 1 / 2: forward H pass B=8 T=2048 H=16 0.286 /
+        # 0.281, paired with G 0.482 / 0.459; B=1 T=8192 H=4 (32 x 32 tiles) 0.351 / 0.264, paired 0.318
+        # / 0.249; unrolled 4 times, 0.59 and 1.18 at B=8; the paired reverse passes at B=8 0.679 /
+        # 0.711; the G pass alone at chunk 64, B=8, 0.23 / 0.46 (benchmarks/NOTES-kernels.md, round 12)
+        UNROLL=1 if reverse or chunk_size > 32 else 2,
     )
     return outs
 
