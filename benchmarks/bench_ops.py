@@ -27,8 +27,9 @@ from triton.testing import do_bench
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
 from mesa_compile.ops.kernels.chunk_cg import chunk_len, launch_chunk_cg
-from mesa_compile.ops.kernels.chunk_output import chunk_readout, chunk_readout_adjoint
-from mesa_compile.ops.kernels.chunk_states import chunk_state_pass
+from mesa_compile.ops.kernels.chunk_output import (adjoint_scans, chunk_readout, chunk_readout_adjoint,
+                                                    readout_state_pass)
+from mesa_compile.ops.kernels.chunk_states import StatePass, chunk_state_passes
 
 NAN = float("nan")
 
@@ -48,33 +49,38 @@ def ms(fn):
 
 
 def breakdown(qn, kn, v, g, beta, lamb, do, steps):
-    """Time of each kernel of our forward and backward, at the chunk length the CG kernels pick (the
-    read-out kernels use their own, READOUT_CHUNKS)."""
+    """Time of each launch of our forward and backward as chunk_fwd / chunk_bwd run them, at the chunk
+    length the CG kernels pick (the read-out kernels use their own, READOUT_CHUNKS)."""
     B, T, H, K = qn.shape
     C = chunk_len(64, K)
     z = torch.zeros(B, H, K, K, device="cuda")
     zkv = torch.zeros(B, H, K, v.shape[-1], device="cuda")
     res = {"chunk": C}
-    res["state_H_ms"] = ms(lambda: chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False))
-    hs, _ = chunk_state_pass(kn, kn, g, beta, z, C, False, 1.0, False)
+    # the forward's state passes: H, with the read-out's G in the same launch
+    fwd_passes = [StatePass(kn, kn, z), readout_state_pass(kn, v, zkv, C)]
+    res["states_H_G_ms"] = ms(lambda: chunk_state_passes(fwd_passes, g, beta, C, False, False))
+    (hs, _), g_states = chunk_state_passes(fwd_passes, g, beta, C, False, False)
     x = torch.empty(B, T, H, K, device="cuda")
     o = torch.empty_like(v)
     st = torch.empty(B, T, H, device="cuda", dtype=torch.int32)
     for n in (0, steps):
         res[f"cg_steps{n}_ms"] = ms(lambda: launch_chunk_cg(qn, kn, g, beta, lamb, hs, x, st, x, g, lamb, C, n,
                                                             0.0, False))
-    # the read-out and the adjoint's right-hand side by the path their launchers pick for this shape
-    res["readout_ms"] = ms(lambda: chunk_readout(x, kn, v, g, beta, zkv, o, False))
+    res["readout_ms"] = ms(lambda: chunk_readout(x, kn, v, g, beta, zkv, o, False, states=g_states))
     _, xq, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, zkv, C, steps, 0.0)
     res["bwd_ms"] = ms(lambda: chunk_bwd(qn, kn, v, g, beta, lamb, z, zkv, xq, do, z, zkv, C, steps, 0.0))
     u = torch.empty_like(x)
     dc = torch.empty(B, T, H, device="cuda")
     dl = torch.empty(B, triton.cdiv(T, C), H, K, device="cuda")
     dx = torch.empty_like(x)
-    res["bwd_rhs_ms"] = ms(lambda: chunk_readout_adjoint(do, kn, v, g, beta, zkv, dx, False))
+    # the adjoint's right-hand side by the path the backward picks (scan, or the forward's G states)
+    scan = adjoint_scans(kn, v)
+    res["bwd_rhs_ms"] = ms(lambda: chunk_readout_adjoint(do, kn, v, g, beta, zkv, dx, False, scan=scan,
+                                                         states=None if scan else g_states))
     res["bwd_cg_ms"] = ms(lambda: launch_chunk_cg(dx, kn, g, beta, lamb, hs, xq, dc, u, dc, dl, C,
                                                   steps, 0.0, True))
-    res["bwd_state_rev_ms"] = ms(lambda: chunk_state_pass(u, xq, g, beta, z, C, True, -1.0, False))
+    rev_passes = [StatePass(u, xq, z, -1.0), StatePass(xq, do, zkv)]
+    res["bwd_states_rev_ms"] = ms(lambda: chunk_state_passes(rev_passes, g, beta, C, True, False))
     # the launchers called outside the ops, every launch through the HOP dispatch (how this script
     # timed before round 6 of benchmarks/NOTES-kernels.md)
     with set_wrap_triton_enabled(True):
