@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .chunk_cg import _use_fp16_split, check_key_size, chunk_len, launch_chunk_cg
 from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
-from .chunk_output import READOUT_CHUNKS, adjoint_scans, chunk_readout_adjoint, readout_state_pass
+from .chunk_output import adjoint_scans, chunk_readout_adjoint, h_states_with_g
 from .chunk_states import StatePass, chunk_state_passes
 
 
@@ -142,19 +142,16 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     dh_kk = dh_kk.float().contiguous()
     dh_kv = dh_kv.float().contiguous()
 
-    # the adjoint read-out from states gets its G states from the H pass's launch, and the two reverse
+    # an adjoint read-out from states gets its G states from the H pass's launch, and the two reverse
     # passes share one (chunk_state_passes)
     h_kv = h_kv.float().contiguous()
-    passes = [StatePass(k, k, h_kk.float().contiguous())]
-    if not adjoint_scans(k, v) and READOUT_CHUNKS["states"] % C == 0:
-        passes.append(readout_state_pass(k, v, h_kv, C))
-    (hs, h_end), *g_states = chunk_state_passes(passes, g32, b32, C, False, split_fp16)
+    hs, h_end, g_states = h_states_with_g(k, v, g32, b32, h_kk.float().contiguous(), h_kv, C, split_fp16,
+                                          with_g=not adjoint_scans(k, v))
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
     u = torch.empty(B, T, H, K, device=k.device, dtype=torch.float32)
     # u holds dx until the solve
-    g_end = chunk_readout_adjoint(do, k, v, g32, b32, h_kv, u, split_fp16,
-                                  states=g_states[0] if g_states else None)
+    g_end = chunk_readout_adjoint(do, k, v, g32, b32, h_kv, u, split_fp16, states=g_states)
     launch_chunk_cg(u, k, g32, b32, lamb32, hs, x, dc, u, dc, dlamb_part, C, cg_steps, cg_tol, bwd=True)
     (dhe, dh_kk0), (dge, dh_kv0) = chunk_state_passes(
         [StatePass(u, x, dh_kk, -1.0), StatePass(x, do, dh_kv, 1.0)], g32, b32, C, True, split_fp16)

@@ -48,8 +48,7 @@ import triton
 import triton.language as tl
 
 from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
-from .chunk_output import READOUT_CHUNKS, chunk_readout, readout_state_pass
-from .chunk_states import StatePass, chunk_state_passes
+from .chunk_output import chunk_readout, h_states_with_g
 
 # Largest key size of the chunk kernels: the K x K state tile H_c stays in shared memory as a bf16
 # (hi, lo) pair, 64 KiB at 128. Larger keys run the aten path (ops/library.py): a variant streaming
@@ -258,17 +257,14 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     b32 = beta.float().contiguous()
     lamb = lamb.float().contiguous()
     split_fp16 = _use_fp16_split()
-    # the read-out reads G_c from states that the H pass's launch also writes (chunk_state_passes)
+    # the read-out reads G_c from states that the H pass's launch also writes
     h_kv = h_kv.float().contiguous()
-    passes = [StatePass(k, k, h_kk.float().contiguous())]
-    if READOUT_CHUNKS["states"] % chunk_size == 0:
-        passes.append(readout_state_pass(k, v, h_kv, chunk_size))
-    (hs, h_kk_out), *g_states = chunk_state_passes(passes, g32, b32, chunk_size, False, split_fp16)
+    hs, h_kk_out, g_states = h_states_with_g(k, v, g32, b32, h_kk.float().contiguous(), h_kv, chunk_size,
+                                             split_fp16, with_g=True)
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
     launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False,
                     relax=relax)
-    h_kv_out = chunk_readout(x, k, v, g32, b32, h_kv, o, split_fp16,
-                             states=g_states[0] if g_states else None)
+    h_kv_out = chunk_readout(x, k, v, g32, b32, h_kv, o, split_fp16, states=g_states)
     return o, x, h_kk_out, h_kv_out, steps

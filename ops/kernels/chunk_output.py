@@ -16,8 +16,8 @@ Two ways to get G_c, one kernel each for the read-out and the adjoint (constexpr
   and backward run the G pass in the same launch as their H pass (chunk_state_passes).
 NOTE: the scan has only 2 programs per (batch, head) at K = V = 128, each walking all T / 32 chunks.
 H100, ms, at chunk 32 / 64 (READOUT_CHUNKS); read-out: scan against G pass paired with the H pass +
-kernel from states (the H pass alone subtracted): B=8 T=2048 H=16 0.49 against 0.19 + 0.25, B=16
-T=2048 H=16 0.94 against 0.38 + 0.47, B=1 T=8192 H=4 1.46 against ~0 + 0.04 (benchmarks/NOTES-kernels.md,
+kernel from states (the H pass alone subtracted): B=8 T=2048 H=16 0.48 against 0.20 + 0.25, B=16
+T=2048 H=16 0.96 against 0.37 + 0.47, B=1 T=8192 H=4 1.47 against ~0 + 0.04 (benchmarks/NOTES-kernels.md,
 round 12): the read-out runs from states at every shape measured. The adjoint scan still wins from
 B x H = 96 at K = V = 128 (adjoint_scans). At one chunk length the state pass's update is the scan's,
 term for term: on the GPU, o and the read-out's final G came out bit-identical by both ways; dX and
@@ -250,6 +250,19 @@ def readout_state_pass(k: torch.Tensor, v: torch.Tensor, h_kv: torch.Tensor, chu
     chunk_size storing every n-th state (to run in one launch with another pass at chunk_size)."""
     every = READOUT_CHUNKS["states"] // chunk_size if chunk_size else 1
     return StatePass(k, v, h_kv, 1.0, every)
+
+
+def h_states_with_g(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, h_kk: torch.Tensor,
+                    h_kv: torch.Tensor, chunk_size: int, split_fp16: bool, with_g: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The H state pass at chunk_size (stored H_c, final H) and, when with_g and chunk_size divides the
+    read-outs' chunk, the read-out's G states from the same launch (else None: the read-out runs its own
+    G pass or scans)."""
+    passes = [StatePass(k, k, h_kk)]
+    if with_g and READOUT_CHUNKS["states"] % chunk_size == 0:
+        passes.append(readout_state_pass(k, v, h_kv, chunk_size))
+    (hs, h_fin), *g_states = chunk_state_passes(passes, g, beta, chunk_size, False, split_fp16)
+    return hs, h_fin, (g_states[0] if g_states else None)
 
 
 def _g_states(k, v, g, beta, h_kv, split_fp16, scan, states):

@@ -125,10 +125,12 @@ def chunk_state_passes(passes: Sequence[StatePass], g: torch.Tensor, beta: torch
     """Run one or two state passes over the same gates (g, beta: (B, T, H) fp32) in one launch; returns,
     per pass, (its stored states as (B, cdiv(NT, every), H, 2, DA, DB) (hi, lo) pairs in the split dtype,
     its final state (B, H, DA, DB) fp32). Every program walks all chunks of its sequence, a chain of
-    dependent updates, so a pass does not fill the device: a second pass in the same launch runs in the
-    slots the first leaves idle. NOTE: H100, B=8 T=2048 H=16 K=V=128, the forward H pass at chunk 32
-    took 0.26 ms on its 4 tiles per (batch, head) and 0.19 ms on 2 of them (benchmarks/NOTES-kernels.md,
-    round 12)."""
+    dependent updates, so a pass with few (batch, head) pairs leaves most slots idle, and a second pass in
+    the same launch runs in them. Where the slots are full the pair costs about the two passes' sum.
+    NOTE: H100, ms, H pass alone / H paired with the read-out's G pass (G alone at chunk 64): B=1 T=8192
+    H=4 0.35 / 0.32 (0.22); B=8 T=2048 H=16 0.28 / 0.48 (0.23), where 255 registers per 2-warp program
+    leave 4 programs per SM and the 1024 programs of the pair run in two rounds
+    (benchmarks/NOTES-kernels.md, round 12)."""
     if not 1 <= len(passes) <= 2:
         raise ValueError(f"one or two state passes per launch, got {len(passes)}")
     if reverse and any(p.every != 1 for p in passes):
