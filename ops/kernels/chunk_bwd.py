@@ -1,11 +1,13 @@
 """Chunkwise MesaNet backward (implicit differentiation; the CG iterations are never unrolled).
 
 Pipeline (mesanet-math.md section 4, same algebra as ops.reference.chunk_bwd):
-  1. forward H state pass again (H_c at every chunk start; final H_T);
+  1. forward H state pass again (H_c at every chunk start; final H_T), with the G states of the
+     adjoint read-out in the same launch where it reads them (chunk_output.adjoint_scans);
   2. adjoint CG solve u = A^{-1} G do: right-hand side dx by chunk_readout_adjoint (which scans G_c or
-     reads it from a G state pass, and returns the final G_T), solve by the chunk_cg kernel
+     reads it from those states, and returns the final G_T), solve by the chunk_cg kernel
      (BWD=True), with per-token dc_t = -u.(H_t x_t) + x.dx and per-chunk dlamb partials;
-  3. reverse state passes: dH_end, dG_end at every chunk end (dh_kk / dh_kv enter at the end);
+  3. reverse state passes, both in one launch: dH_end, dG_end at every chunk end (dh_kk / dh_kv enter
+     at the end);
   4. _chunk_grad_kernel below: per chunk, with W[t,s] = 1[s >= t] e^{b_s - b_t},
        R1 = -((K X^T) * W) U + (e^{bL-b} K) DH^T      R2 = -((K U^T) * W) X + (e^{bL-b} K) DH
        R3 = ((V dO^T) * W) X + (e^{bL-b} V) DG^T      R4 = ((K X^T) * W) dO + (e^{bL-b} K) DG
