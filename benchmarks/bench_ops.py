@@ -28,7 +28,7 @@ from mesa_compile.ops import reference as ref
 from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
 from mesa_compile.ops.kernels.chunk_cg import chunk_len, launch_chunk_cg
 from mesa_compile.ops.kernels.chunk_output import (adjoint_scans, chunk_readout, chunk_readout_adjoint,
-                                                    readout_state_pass)
+                                                    h_states_with_g)
 from mesa_compile.ops.kernels.chunk_states import StatePass, chunk_state_passes
 
 NAN = float("nan")
@@ -56,16 +56,15 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     z = torch.zeros(B, H, K, K, device="cuda")
     zkv = torch.zeros(B, H, K, v.shape[-1], device="cuda")
     res = {"chunk": C}
-    # the forward's state passes: H, with the read-out's G in the same launch
-    fwd_passes = [StatePass(kn, kn, z), readout_state_pass(kn, v, zkv, C)]
-    res["states_H_G_ms"] = ms(lambda: chunk_state_passes(fwd_passes, g, beta, C, False, False))
-    (hs, _), g_states = chunk_state_passes(fwd_passes, g, beta, C, False, False)
+    # the forward's state passes: H (upper tiles), with the read-out's G in the same launch
+    res["states_H_G_ms"] = ms(lambda: h_states_with_g(kn, v, g, beta, z, zkv, C, False, True))
+    hs, h_tile, _, g_states = h_states_with_g(kn, v, g, beta, z, zkv, C, False, True)
     x = torch.empty(B, T, H, K, device="cuda")
     o = torch.empty_like(v)
     st = torch.empty(B, T, H, device="cuda", dtype=torch.int32)
     for n in (0, steps):
         res[f"cg_steps{n}_ms"] = ms(lambda: launch_chunk_cg(qn, kn, g, beta, lamb, hs, x, st, x, g, lamb, C, n,
-                                                            0.0, False))
+                                                            0.0, False, h_tile=h_tile))
     res["readout_ms"] = ms(lambda: chunk_readout(x, kn, v, g, beta, zkv, o, False, states=g_states))
     _, xq, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, zkv, C, steps, 0.0)
     res["bwd_ms"] = ms(lambda: chunk_bwd(qn, kn, v, g, beta, lamb, z, zkv, xq, do, z, zkv, C, steps, 0.0))
@@ -78,7 +77,7 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     res["bwd_rhs_ms"] = ms(lambda: chunk_readout_adjoint(do, kn, v, g, beta, zkv, dx, False, scan=scan,
                                                          states=None if scan else g_states))
     res["bwd_cg_ms"] = ms(lambda: launch_chunk_cg(dx, kn, g, beta, lamb, hs, xq, dc, u, dc, dl, C,
-                                                  steps, 0.0, True))
+                                                  steps, 0.0, True, h_tile=h_tile))
     rev_passes = [StatePass(u, xq, z, -1.0), StatePass(xq, do, zkv)]
     res["bwd_states_rev_ms"] = ms(lambda: chunk_state_passes(rev_passes, g, beta, C, True, False))
     # the launchers called outside the ops, every launch through the HOP dispatch (how this script

@@ -77,7 +77,12 @@ def cg_alone(tree, q, k, g, beta, lamb, steps: int, **launch_kw):
     C = cg.chunk_len(64, D)
     split_fp16 = cg._use_fp16_split()
     z = torch.zeros(B, H, D, D, device=k.device)
-    hs, _ = states.chunk_state_pass(k, k, g, beta, z, C, False, 1.0, split_fp16)
+    if hasattr(states, "state_tiles"):  # trees that store H_c as its upper tiles, as their chunk_fwd does
+        passes = [states.StatePass(k, k, z, upper=True)]
+        hs = states.chunk_state_passes(passes, g, beta, C, False, split_fp16)[0][0]
+        launch_kw = dict(launch_kw, h_tile=states.state_tiles(passes, False))
+    else:
+        hs, _ = states.chunk_state_pass(k, k, g, beta, z, C, False, 1.0, split_fp16)
     x = torch.empty(B, T, H, D, device=k.device)
     st = torch.empty(B, T, H, device=k.device, dtype=torch.int32)
     return (lambda: cg.launch_chunk_cg(q, k, g, beta, lamb, hs, x, st, x, g, lamb, C, steps, 0.0, False,

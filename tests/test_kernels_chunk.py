@@ -85,6 +85,7 @@ def _run_cases(path: str) -> None:
     chunk_output.fills_device = chunk_states.fills_device = chunk_common.fills_device
     results["readout_paths"] = _readout_paths("cpu")
     results["relaxed"] = _relaxed_solves()
+    results["upper_states"] = _upper_states("cpu")
     torch.save(results, path)
 
 
@@ -145,6 +146,53 @@ def _relaxed_solves() -> dict:
         launch_chunk_cg(q, k, g, beta, lamb, hs, x, steps, x, g, lamb, C, 40, 0.0, False, relax=relax)
         out[relax] = x
     return out
+
+
+def _upper_states(device: str) -> dict:
+    """The H state pass storing every tile and only the tiles on or above the diagonal (StatePass.upper),
+    and the CG's q* from each, with the entries of the unstored tiles set to NaN (the CG kernel must take
+    their transposes); tiles of 32 on the CPU (K = 48: a masked one mirrored), 64 on the GPU (K = 128)."""
+    from mesa_compile.ops.kernels import chunk_states
+    from mesa_compile.ops.kernels.chunk_cg import _use_fp16_split, launch_chunk_cg
+
+    B, T, H, K, C = (1, 40, 2, 48, 16) if device == "cpu" else (2, 256, 2, 128, 32)
+    q, k, _, g, beta, lamb, h_kk, _ = make_inputs(B, T, H, K, K, torch.float32 if device == "cpu"
+                                                  else torch.bfloat16, device)
+    occupancy = chunk_states.fills_device
+    if device == "cpu":
+        chunk_states.fills_device = lambda *_: False
+    try:
+        passes = {upper: [chunk_states.StatePass(k, k, h_kk, upper=upper)] for upper in (False, True)}
+        out = {upper: chunk_states.chunk_state_passes(p, g, beta, C, False, _use_fp16_split())[0]
+               for upper, p in passes.items()}
+        tile = chunk_states.state_tiles(passes[True], False)
+    finally:
+        chunk_states.fills_device = occupancy
+    i = torch.arange(K, device=device)
+    out["mirrored"] = (i[:, None] // tile[0]) * tile[0] >= (i[None, :] // tile[1] + 1) * tile[1]
+    out["tile"] = tile
+    out[True][0][..., out["mirrored"]] = float("nan")
+    for upper in (False, True):
+        x, steps = torch.empty(B, T, H, K, device=device), torch.empty(B, T, H, dtype=torch.int32, device=device)
+        launch_chunk_cg(q, k, g, beta, lamb, out[upper][0], x, steps, x, g, lamb, C, 12, 0.0, False,
+                        h_tile=tile if upper else None)
+        out[f"x_{upper}"] = x
+    return out
+
+
+def _check_upper_states(res: dict) -> None:
+    """Upper tiles only: the stored tiles are the whole pass's, bit for bit; the final state is whole,
+    its mirrored entries the transposes of the computed ones; the CG reads none of the unstored entries
+    (NaN) and solves the same system (H_c exactly symmetric instead of up to rounding: 1e-5)."""
+    mirrored = res["mirrored"]
+    assert mirrored.any() and res["tile"][0] < mirrored.shape[0], res["tile"]
+    whole, upper = res[False], res[True]
+    assert torch.equal(upper[0][..., ~mirrored], whole[0][..., ~mirrored])
+    fin = upper[1]
+    assert torch.equal(fin[..., mirrored], fin.transpose(-1, -2)[..., mirrored])
+    assert torch.equal(fin[..., ~mirrored], whole[1][..., ~mirrored])
+    assert rel(fin, whole[1]) <= 1e-6
+    assert torch.isfinite(res["x_True"]).all() and rel(res["x_True"], res["x_False"]) <= 1e-5
 
 
 def _check_readout_paths(res: dict) -> None:
@@ -212,6 +260,10 @@ def test_interp_bwd_matches_reference(interp_results, case):
 
 def test_interp_readout_scan_matches_state_pass_path(interp_results):
     _check_readout_paths(interp_results["readout_paths"])
+
+
+def test_interp_upper_state_tiles(interp_results):
+    _check_upper_states(interp_results["upper_states"])
 
 
 def test_interp_relaxed_matvecs(interp_results):
@@ -345,6 +397,11 @@ def test_large_keys_route_to_aten(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_readout_scan_matches_state_pass_path():
     _check_readout_paths(_readout_paths("cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_upper_state_tiles():
+    _check_upper_states(_upper_states("cuda"))
 
 
 @pytest.mark.gpu

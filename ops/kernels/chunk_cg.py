@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
+from .chunk_common import below_diagonal_tile, chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
 from .chunk_output import chunk_readout, h_states_with_g
 
 # Largest key size of the chunk kernels: the K x K state tile H_c stays in shared memory as a bf16
@@ -106,7 +106,7 @@ def _chunk_cg_kernel(
     g_ptr,  # (B, T, H) fp32
     beta_ptr,  # (B, T, H) fp32
     lamb_ptr,  # (H, K) fp32
-    hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype
+    hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype (HBA > 0: upper tiles only)
     x_ptr,  # (B, T, H, K) fp32: fwd out q*, bwd in q*
     steps_ptr,  # (B, T, H) int32 fwd out
     u_ptr,  # (B, T, H, K) fp32 bwd out
@@ -114,7 +114,7 @@ def _chunk_cg_kernel(
     dlamb_ptr,  # (B, NT, H, K) fp32 bwd out
     T, H, K, NT, cg_steps, cg_tol,
     C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
-    RELAX: tl.constexpr,
+    RELAX: tl.constexpr, HBA: tl.constexpr, HBB: tl.constexpr,
 ):
     pid_c, bb, hh, cols, tm, tok = chunk_tokens(T, H, C)
     cg_tol = tl.cast(cg_tol, tl.float32)
@@ -138,8 +138,13 @@ def _chunk_cg_kernel(
     k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
     kt_hi = tl.trans(k_hi)
     kt_lo = tl.trans(k_lo)
-    # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory
+    # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory. Stored as
+    # (HBA x HBB) tiles on or above the diagonal (HBA > 0), H_c's other entries come from their transposes
+    # (one gathered load: a tile assembled in registers would stay there as the dots' A operand)
     hkk = ik[:, None] * K + ik[None, :]
+    if HBA > 0:
+        mirrored = below_diagonal_tile(ik[:, None], ik[None, :], HBA, HBB)
+        hkk = tl.where(mirrored, ik[None, :] * K + ik[:, None], hkk)
     h_hi = tl.load(hs_ptr + hbase + hkk, mask=km[:, None] & km[None, :], other=0.0)  # (BK, BK)
     h_lo = tl.load(hs_ptr + hbase + K * K + hkk, mask=km[:, None] & km[None, :], other=0.0)
     hdiag = (tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0).to(tl.float32)
@@ -218,11 +223,13 @@ def _use_fp16_split() -> bool:
 
 def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
                     chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
-                    num_warps: int | None = None, relax: float = CG_RELAX) -> None:
+                    num_warps: int | None = None, relax: float = CG_RELAX,
+                    h_tile: tuple[int, int] | None = None) -> None:
     """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel; the
     outputs of the other direction are not touched). num_warps: None picks the default (8 for
     64-row chunks of K > 64, else 4); relax: residual ratio below which a chunk's matvecs drop their
-    lo passes (0: never). Benchmarks pass others."""
+    lo passes (0: never). Benchmarks pass others. h_tile: the state tile of hs when it holds only the
+    tiles on or above the diagonal (StatePass.upper), None when it is whole."""
     B, T, H, K = k.shape
     NT = triton.cdiv(T, chunk_size)
     split_fp16 = _use_fp16_split()
@@ -232,6 +239,7 @@ def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
         rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
         T, H, K, NT, cg_steps, cg_tol,
         C=chunk_size, BK=BK, BWD=bwd, K_EXACT=k.dtype == split_dt, SPLIT_FP16=split_fp16, RELAX=relax,
+        HBA=h_tile[0] if h_tile else 0, HBB=h_tile[1] if h_tile else 0,
         num_warps=num_warps or (8 if BK >= 128 and chunk_size >= 64 else 4),
     )
 
@@ -259,12 +267,12 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     split_fp16 = _use_fp16_split()
     # the read-out reads G_c from states that the H pass's launch also writes
     h_kv = h_kv.float().contiguous()
-    hs, h_kk_out, g_states = h_states_with_g(k, v, g32, b32, h_kk.float().contiguous(), h_kv, chunk_size,
-                                             split_fp16, with_g=True)
+    hs, h_tile, h_kk_out, g_states = h_states_with_g(k, v, g32, b32, h_kk.float().contiguous(), h_kv,
+                                                     chunk_size, split_fp16, with_g=True)
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
     launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False,
-                    relax=relax)
+                    relax=relax, h_tile=h_tile)
     h_kv_out = chunk_readout(x, k, v, g32, b32, h_kv, o, split_fp16, states=g_states)
     return o, x, h_kk_out, h_kv_out, steps

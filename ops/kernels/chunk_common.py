@@ -46,6 +46,14 @@ def split_lo(x, hi, SPLIT_FP16: tl.constexpr):
 
 
 @triton.jit
+def below_diagonal_tile(i, j, BI: tl.constexpr, BJ: tl.constexpr):
+    """Whether entry (i, j) of a state stored in (BI x BJ) tiles lies in a tile wholly below the diagonal.
+    A state pass stores only the other tiles of a symmetric state (StatePass.upper, chunk_states.py);
+    its readers take entry (j, i) there, which always lies in a stored tile."""
+    return (i // BI) * BI >= (j // BJ + 1) * BJ
+
+
+@triton.jit
 def chunk_tokens(T, H, C: tl.constexpr):
     """Where a chunk program works, on the grid (chunks, batch * heads): its chunk index, batch and head
     (int64), the chunk's positions 0..C-1, their in-sequence mask and flat token indices into

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .chunk_common import fills_device, mm, mm_pre, split_pair
-from .chunk_states import StatePass, chunk_state_passes
+from .chunk_states import StatePass, chunk_state_passes, state_tiles
 
 # Chunk lengths of the read-outs by path, independent of the CG's chunks. NOTE: H100, triton 3.6, ms at
 # chunk 32 / 64 (V blocks of 64, 4 warps): scan (B=8 T=2048 H=16) read-out 0.535 / 0.772, adjoint 0.327 /
@@ -254,15 +254,16 @@ def readout_state_pass(k: torch.Tensor, v: torch.Tensor, h_kv: torch.Tensor, chu
 
 def h_states_with_g(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, h_kk: torch.Tensor,
                     h_kv: torch.Tensor, chunk_size: int, split_fp16: bool, with_g: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The H state pass at chunk_size (stored H_c, final H) and, when with_g and chunk_size divides the
-    read-outs' chunk, the read-out's G states from the same launch (else None: the read-out runs its own
-    G pass or scans)."""
-    passes = [StatePass(k, k, h_kk)]
+                    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor,
+                               tuple[torch.Tensor, torch.Tensor] | None]:
+    """The H state pass at chunk_size: stored H_c (only the tiles on or above the diagonal, StatePass.upper),
+    their tile shape, final H; and, when with_g and chunk_size divides the read-outs' chunk, the read-out's
+    G states from the same launch (else None: the read-out runs its own G pass or scans)."""
+    passes = [StatePass(k, k, h_kk, upper=True)]
     if with_g and READOUT_CHUNKS["states"] % chunk_size == 0:
         passes.append(readout_state_pass(k, v, h_kv, chunk_size))
     (hs, h_fin), *g_states = chunk_state_passes(passes, g, beta, chunk_size, False, split_fp16)
-    return hs, h_fin, (g_states[0] if g_states else None)
+    return hs, state_tiles(passes, False), h_fin, (g_states[0] if g_states else None)
 
 
 def _g_states(k, v, g, beta, h_kv, split_fp16, scan, states):

@@ -11,6 +11,10 @@ S at every chunk boundary (a forward pass may store every n-th only), then updat
 b is the within-chunk cumulative log decay, b_L its value at the chunk's last row. States are fp32;
 the boundary states are stored as a (hi, lo) pair in the split dtype (the bytes of fp32): the CG and
 gradient kernels feed them to the tensor cores as loaded, which keeps them in shared memory.
+The symmetric H (StatePass.upper) is stored as its tiles on or above the diagonal only: no program runs
+for a tile below it (its final state is written, transposed, by the mirror tile's program), and the CG
+kernel reads entry (j, i) there. At K = 128 and 64 x 64 tiles that is 3/4 of the bytes of H_c, written
+here and read back by every CG program.
 """
 from __future__ import annotations
 
@@ -21,16 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import fills_device, mm, split_hi, split_lo
+from .chunk_common import below_diagonal_tile, fills_device, mm, split_hi, split_lo
 
 
 @triton.jit
 def _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb, hh, T, H, DA, DB, NT,
                 a_scale, C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr,
-                EVERY: tl.constexpr, B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr, UNROLL: tl.constexpr):
+                EVERY: tl.constexpr, B_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr, UNROLL: tl.constexpr,
+                UPPER: tl.constexpr):
     """One state pass of one (batch, head) over the program's (BA x BB) tile (module docstring); stores the
     state at every EVERY-th chunk start (forward) or at every chunk end (reverse, EVERY = 1); the chunk
-    loop unrolled UNROLL times."""
+    loop unrolled UNROLL times. UPPER: a symmetric state, whose final tile also goes to the entries of
+    the tiles below the diagonal that mirror it."""
     a_scale = tl.cast(a_scale, tl.float32)
     ia = tl.program_id(0) * BA + tl.arange(0, BA)  # (BA,)
     ib = tl.program_id(1) * BB + tl.arange(0, BB)  # (BB,)
@@ -69,7 +75,11 @@ def _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb,
         aw = tl.trans(xa.to(tl.float32) * w[:, None])  # (BA, C)
         upd = mm(aw, xb, False, B_EXACT, SPLIT_FP16)  # (BA, BB)
         s = tl.exp(b_last) * s + a_scale * upd
-    tl.store(s_fin_ptr + (bb * H + hh) * DA * DB + tile, s, mask=tmask)
+    fin = s_fin_ptr + (bb * H + hh) * DA * DB
+    tl.store(fin + tile, s, mask=tmask)
+    if UPPER:
+        tl.store(fin + ib[None, :] * DB + ia[:, None], s,
+                 mask=tmask & below_diagonal_tile(ib[None, :], ia[:, None], BA, BB))
 
 
 @triton.jit
@@ -85,9 +95,10 @@ def _chunk_state_kernel(
     T, H, NT, DA, DB, a_scale, DA2, DB2, a2_scale,
     C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, REVERSE: tl.constexpr, PAIRED: tl.constexpr,
     EVERY: tl.constexpr, EVERY2: tl.constexpr, B_EXACT: tl.constexpr, B2_EXACT: tl.constexpr,
-    SPLIT_FP16: tl.constexpr, UNROLL: tl.constexpr,
+    SPLIT_FP16: tl.constexpr, UNROLL: tl.constexpr, UPPER: tl.constexpr,
 ):
-    # grid axis 2: (batch, head) of the first pass, then (PAIRED) of the second
+    # grid axis 2: (batch, head) of the first pass, then (PAIRED) of the second; UPPER: the first pass
+    # stores only tiles on or above the diagonal
     n_bh = tl.num_programs(2)
     if PAIRED:
         n_bh = n_bh // 2
@@ -97,11 +108,15 @@ def _chunk_state_kernel(
     bb = (pid_bh // H).to(tl.int64)
     hh = (pid_bh % H).to(tl.int64)
     if first:
-        _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb, hh, T, H, DA, DB, NT,
-                    a_scale, C, BA, BB, REVERSE, EVERY, B_EXACT, SPLIT_FP16, UNROLL)
+        walk = True
+        if UPPER:
+            walk = not below_diagonal_tile(tl.program_id(0) * BA, tl.program_id(1) * BB, BA, BB)
+        if walk:
+            _state_walk(a_ptr, b_ptr, g_ptr, beta_ptr, s0_ptr, s_all_ptr, s_fin_ptr, bb, hh, T, H, DA, DB, NT,
+                        a_scale, C, BA, BB, REVERSE, EVERY, B_EXACT, SPLIT_FP16, UNROLL, UPPER)
     elif PAIRED:
         _state_walk(a2_ptr, b2_ptr, g_ptr, beta_ptr, s02_ptr, s2_all_ptr, s2_fin_ptr, bb, hh, T, H, DA2, DB2,
-                    NT, a2_scale, C, BA, BB, REVERSE, EVERY2, B2_EXACT, SPLIT_FP16, UNROLL)
+                    NT, a2_scale, C, BA, BB, REVERSE, EVERY2, B2_EXACT, SPLIT_FP16, UNROLL, False)
 
 
 def _block(d: int, cap: int) -> int:
@@ -111,13 +126,16 @@ def _block(d: int, cap: int) -> int:
 class StatePass(NamedTuple):
     """One state pass: S <- e^{b_L} S + a_scale (a * w)^T b chunk by chunk from s0 (module docstring);
     a forward pass stores S at every `every`-th chunk start (so a pass at chunk C with every = 2 gives the
-    states of chunk 2C)."""
+    states of chunk 2C). upper: a is b and s0 is symmetric, so S is: only the tiles on or above the
+    diagonal are stored (the others' entries are undefined; state_tiles gives the tiling) and the final
+    state is whole."""
 
     a: torch.Tensor  # (B, T, H, DA)
     b: torch.Tensor  # (B, T, H, DB)
     s0: torch.Tensor  # (B, H, DA, DB) fp32
     a_scale: float = 1.0
     every: int = 1
+    upper: bool = False
 
 
 def chunk_state_passes(passes: Sequence[StatePass], g: torch.Tensor, beta: torch.Tensor, chunk_size: int,
@@ -135,6 +153,8 @@ def chunk_state_passes(passes: Sequence[StatePass], g: torch.Tensor, beta: torch
         raise ValueError(f"one or two state passes per launch, got {len(passes)}")
     if reverse and any(p.every != 1 for p in passes):
         raise ValueError("a reverse state pass stores every chunk end")
+    if any(p.upper for p in passes[1:]) or (passes[0].upper and passes[0].a is not passes[0].b):
+        raise ValueError("only a launch's first pass may store upper tiles, and only of a symmetric state")
     B, T, H, _ = passes[0].a.shape
     NT = triton.cdiv(T, chunk_size)
     split_dt = torch.float16 if split_fp16 else torch.bfloat16
@@ -143,16 +163,7 @@ def chunk_state_passes(passes: Sequence[StatePass], g: torch.Tensor, beta: torch
         DA, DB = p.a.shape[-1], p.b.shape[-1]
         stored = torch.empty(B, triton.cdiv(NT, p.every), H, 2, DA, DB, device=p.a.device, dtype=split_dt)
         outs.append((stored, torch.empty(B, H, DA, DB, device=p.a.device, dtype=torch.float32)))
-    # 64 x 64 tiles, or 32 x 32 where there would be too few programs (each walks all chunks); a 4-warp
-    # reverse program needs fewer of them. NOTE: H200, K = V = 128, T = 4096 (8192 at B x H = 4, 2048
-    # at 128), ms for 64- / 32-tiles at B x H = 4, 32, 64, 96, 128: forward 0.52/0.35, 0.28/0.22,
-    # 0.33/0.29, 0.40/0.49, 0.24/0.29; reverse 0.43/0.33, 0.24/0.23, 0.30/0.46, 0.37/0.67, 0.31/0.46
-    # (benchmarks/NOTES-kernels.md, round 6)
-    per_sm = 1.0 if reverse else 2.5
-    tiles64 = sum(triton.cdiv(p.a.shape[-1], 64) * triton.cdiv(p.b.shape[-1], 64) for p in passes) * B * H
-    cap = 64 if fills_device(tiles64, g.device, per_sm) else 32
-    BA = max(_block(p.a.shape[-1], cap) for p in passes)
-    BB = max(_block(p.b.shape[-1], cap) for p in passes)
+    BA, BB = state_tiles(passes, reverse)
     grid = (max(triton.cdiv(p.a.shape[-1], BA) for p in passes),
             max(triton.cdiv(p.b.shape[-1], BB) for p in passes), B * H * len(passes))
     second = passes[-1]
@@ -173,8 +184,23 @@ def chunk_state_passes(passes: Sequence[StatePass], g: torch.Tensor, beta: torch
         # / 0.249; unrolled 4 times, 0.59 and 1.18 at B=8; the paired reverse passes at B=8 0.679 /
         # 0.711; the G pass alone at chunk 64, B=8, 0.23 / 0.46 (benchmarks/NOTES-kernels.md, round 12)
         UNROLL=1 if reverse or chunk_size > 32 else 2,
+        UPPER=passes[0].upper,
     )
     return outs
+
+
+def state_tiles(passes: Sequence[StatePass], reverse: bool) -> tuple[int, int]:
+    """The (BA x BB) state tile of one program of chunk_state_passes (the same passes and direction)."""
+    # 64 x 64 tiles, or 32 x 32 where there would be too few programs (each walks all chunks); a 4-warp
+    # reverse program needs fewer of them. NOTE: H200, K = V = 128, T = 4096 (8192 at B x H = 4, 2048
+    # at 128), ms for 64- / 32-tiles at B x H = 4, 32, 64, 96, 128: forward 0.52/0.35, 0.28/0.22,
+    # 0.33/0.29, 0.40/0.49, 0.24/0.29; reverse 0.43/0.33, 0.24/0.23, 0.30/0.46, 0.37/0.67, 0.31/0.46
+    # (benchmarks/NOTES-kernels.md, round 6)
+    B, _, H, _ = passes[0].a.shape
+    per_sm = 1.0 if reverse else 2.5
+    tiles64 = sum(triton.cdiv(p.a.shape[-1], 64) * triton.cdiv(p.b.shape[-1], 64) for p in passes) * B * H
+    cap = 64 if fills_device(tiles64, passes[0].a.device, per_sm) else 32
+    return max(_block(p.a.shape[-1], cap) for p in passes), max(_block(p.b.shape[-1], cap) for p in passes)
 
 
 def chunk_state_pass(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, s0: torch.Tensor,
