@@ -173,7 +173,8 @@ def _upper_states(device: str) -> dict:
     out["tile"] = tile
     out[True][0][..., out["mirrored"]] = float("nan")
     for upper in (False, True):
-        x, steps = torch.empty(B, T, H, K, device=device), torch.empty(B, T, H, dtype=torch.int32, device=device)
+        x = torch.empty(B, T, H, K, device=device)
+        steps = torch.empty(B, T, H, dtype=torch.int32, device=device)
         launch_chunk_cg(q, k, g, beta, lamb, out[upper][0], x, steps, x, g, lamb, C, 12, 0.0, False,
                         h_tile=tile if upper else None)
         out[f"x_{upper}"] = x
