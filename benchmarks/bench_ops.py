@@ -58,13 +58,13 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     res = {"chunk": C}
     # the forward's state passes: H (upper tiles), with the read-out's G in the same launch
     res["states_H_G_ms"] = ms(lambda: h_states_with_g(kn, v, g, beta, z, zkv, C, False, True))
-    hs, h_tile, _, g_states = h_states_with_g(kn, v, g, beta, z, zkv, C, False, True)
+    hs, h_upper, _, g_states = h_states_with_g(kn, v, g, beta, z, zkv, C, False, True)
     x = torch.empty(B, T, H, K, device="cuda")
     o = torch.empty_like(v)
     st = torch.empty(B, T, H, device="cuda", dtype=torch.int32)
     for n in (0, steps):
         res[f"cg_steps{n}_ms"] = ms(lambda: launch_chunk_cg(qn, kn, g, beta, lamb, hs, x, st, x, g, lamb, C, n,
-                                                            0.0, False, h_tile=h_tile))
+                                                            0.0, False, h_upper=h_upper))
     res["readout_ms"] = ms(lambda: chunk_readout(x, kn, v, g, beta, zkv, o, False, states=g_states))
     _, xq, *_ = chunk_fwd(qn, kn, v, g, beta, lamb, z, zkv, C, steps, 0.0)
     res["bwd_ms"] = ms(lambda: chunk_bwd(qn, kn, v, g, beta, lamb, z, zkv, xq, do, z, zkv, C, steps, 0.0))
@@ -77,7 +77,7 @@ def breakdown(qn, kn, v, g, beta, lamb, do, steps):
     res["bwd_rhs_ms"] = ms(lambda: chunk_readout_adjoint(do, kn, v, g, beta, zkv, dx, False, scan=scan,
                                                          states=None if scan else g_states))
     res["bwd_cg_ms"] = ms(lambda: launch_chunk_cg(dx, kn, g, beta, lamb, hs, xq, dc, u, dc, dl, C,
-                                                  steps, 0.0, True, h_tile=h_tile))
+                                                  steps, 0.0, True, h_upper=h_upper))
     rev_passes = [StatePass(u, xq, z, -1.0), StatePass(xq, do, zkv)]
     res["bwd_states_rev_ms"] = ms(lambda: chunk_state_passes(rev_passes, g, beta, C, True, False))
     # the launchers called outside the ops, every launch through the HOP dispatch (how this script

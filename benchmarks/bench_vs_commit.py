@@ -77,10 +77,10 @@ def cg_alone(tree, q, k, g, beta, lamb, steps: int, **launch_kw):
     C = cg.chunk_len(64, D)
     split_fp16 = cg._use_fp16_split()
     z = torch.zeros(B, H, D, D, device=k.device)
-    if hasattr(states, "state_tiles"):  # trees that store H_c as its upper tiles, as their chunk_fwd does
-        passes = [states.StatePass(k, k, z, upper=True)]
-        hs = states.chunk_state_passes(passes, g, beta, C, False, split_fp16)[0][0]
-        launch_kw = dict(launch_kw, h_tile=states.state_tiles(passes, False))
+    if hasattr(states, "state_tiles"):  # trees whose H_c may be stored as upper tiles, as their chunk_fwd does
+        out = importlib.import_module(f"{tree.__name__}.chunk_output")
+        hs, h_upper, _, _ = out.h_states_with_g(k, k, g, beta, z, z, C, split_fp16, False)
+        launch_kw = dict(launch_kw, h_upper=h_upper)
     else:
         hs, _ = states.chunk_state_pass(k, k, g, beta, z, C, False, 1.0, split_fp16)
     x = torch.empty(B, T, H, D, device=k.device)

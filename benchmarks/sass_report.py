@@ -28,13 +28,13 @@ COUNTED = {"instructions": r".", "HGMMA": r"HGMMA", "HMMA": r"HMMA", "BAR.SYNC":
            "SHFL": r"SHFL", "STS": r"STS", "LDS": r"LDS", "STL": r"STL", "LDL": r"LDL", "MUFU": r"MUFU"}
 
 
-def compile_cg(chunk: int, bk: int, warps: int, relax: float, h_tile: int) -> triton.compiler.CompiledKernel:
+def compile_cg(chunk: int, bk: int, warps: int, relax: float, halves: bool) -> triton.compiler.CompiledKernel:
     """The forward CG kernel for bf16 q/k and bf16 (hi, lo) states, as launch_chunk_cg launches it at
-    B=8 T=2048 H=16 K=128 (h_tile: the square tile of states stored as upper tiles, 0 for whole ones)."""
+    B=8 T=2048 H=16 K=128 (halves: H_c read as its top rows and right columns, launch_chunk_cg's h_upper)."""
     fn = chunk_cg._chunk_cg_kernel
     types = {"rhs_ptr": "*bf16", "k_ptr": "*bf16", "hs_ptr": "*bf16", "steps_ptr": "*i32", "cg_tol": "fp32"}
     consts = dict(C=chunk, BK=bk, BWD=False, K_EXACT=True, SPLIT_FP16=False, RELAX=relax,
-                  HBA=h_tile, HBB=h_tile)
+                  HALVES=halves)
     signature = {name: "constexpr" if name in consts else types.get(name, "*fp32" if name.endswith("_ptr")
                                                                        else "i32")
                  for name in fn.arg_names}
@@ -59,8 +59,8 @@ def loops(sass: str) -> list[dict]:
     return found
 
 
-def report(chunk: int, bk: int, warps: int, relax: float, h_tile: int) -> dict:
-    kernel = compile_cg(chunk, bk, warps, relax, h_tile)
+def report(chunk: int, bk: int, warps: int, relax: float, halves: bool) -> dict:
+    kernel = compile_cg(chunk, bk, warps, relax, halves)
     ptxas = get_ptxas(90)  # the assembler triton itself picks for sm_90a
     cuobjdump = Path(ptxas.path).parent / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,7 @@ def report(chunk: int, bk: int, warps: int, relax: float, h_tile: int) -> dict:
         sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
     num = lambda pat: int(re.search(pat, info).group(1))  # noqa: E731
-    return dict(chunk=chunk, bk=bk, warps=warps, relax=relax, h_tile=h_tile, ptxas=ptxas.version,
+    return dict(chunk=chunk, bk=bk, warps=warps, relax=relax, halves=halves, ptxas=ptxas.version,
                 global_loads=len(re.findall(r"LDG", sass)),
                 shared_bytes=kernel.metadata.shared,
                 registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
@@ -85,15 +85,16 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=32)
     ap.add_argument("--bk", type=int, default=128)
-    ap.add_argument("--h-tile", type=int, default=64,
-                    help="tile of H states stored as upper tiles (chunk_fwd's at K = 128); 0: whole states")
+    ap.add_argument("--whole-h", action="store_true",
+                    help="H_c read as one tile (whole stored states), not as its top rows and right columns")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [report(a.chunk, a.bk, a.warps, relax, a.h_tile) for relax in a.relax]
+    rows = [report(a.chunk, a.bk, a.warps, relax, not a.whole_h) for relax in a.relax]
     (out / "sass_report.json").write_text(json.dumps(dict(triton=triton.__version__, rows=rows), indent=1))
     title = (f"# CG kernel for sm_90a, triton {triton.__version__}, ptxas {rows[0]['ptxas']} "
-             f"(C={a.chunk}, BK={a.bk}, {a.warps} warps, H states in tiles of {a.h_tile or 'whole'})")
+             f"(C={a.chunk}, BK={a.bk}, {a.warps} warps, H_c read "
+             f"{'whole' if a.whole_h else 'as top rows and right columns'})")
     lines = [title, "", "| relax | registers | spill stores / loads, B | shared, B | global loads | loop | "
              + " | ".join(COUNTED) + " |", "|---|---|---|---|---|---|" + "---|" * len(COUNTED)]
     for row in rows:

@@ -150,8 +150,8 @@ def _relaxed_solves() -> dict:
 
 def _upper_states(device: str) -> dict:
     """The H state pass storing every tile and only the tiles on or above the diagonal (StatePass.upper),
-    and the CG's q* from each, with the entries of the unstored tiles set to NaN (the CG kernel must take
-    their transposes); tiles of 32 on the CPU (K = 48: a masked one mirrored), 64 on the GPU (K = 128)."""
+    and the CG's q* from each, with the entries of the unstored tiles set to NaN (the CG kernel must not
+    read them); tiles of 32 on the CPU (K = 48: a masked one mirrored), 64 on the GPU (K = 128)."""
     from mesa_compile.ops.kernels import chunk_states
     from mesa_compile.ops.kernels.chunk_cg import _use_fp16_split, launch_chunk_cg
 
@@ -176,7 +176,7 @@ def _upper_states(device: str) -> dict:
         x = torch.empty(B, T, H, K, device=device)
         steps = torch.empty(B, T, H, dtype=torch.int32, device=device)
         launch_chunk_cg(q, k, g, beta, lamb, out[upper][0], x, steps, x, g, lamb, C, 12, 0.0, False,
-                        h_tile=tile if upper else None)
+                        h_upper=upper)
         out[f"x_{upper}"] = x
     return out
 
@@ -192,7 +192,7 @@ def _check_upper_states(res: dict) -> None:
     fin = upper[1]
     assert torch.equal(fin[..., mirrored], fin.transpose(-1, -2)[..., mirrored])
     assert torch.equal(fin[..., ~mirrored], whole[1][..., ~mirrored])
-    assert rel(fin, whole[1]) <= 1e-6
+    assert rel(fin, whole[1]) <= 1e-5
     assert torch.isfinite(res["x_True"]).all() and rel(res["x_True"], res["x_False"]) <= 1e-5
 
 

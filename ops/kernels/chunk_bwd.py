@@ -148,7 +148,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     # passes share one (chunk_state_passes)
     h_kv = h_kv.float().contiguous()
     scan = adjoint_scans(k, v)
-    hs, h_tile, h_end, g_states = h_states_with_g(k, v, g32, b32, h_kk.float().contiguous(), h_kv, C,
+    hs, h_upper, h_end, g_states = h_states_with_g(k, v, g32, b32, h_kk.float().contiguous(), h_kv, C,
                                                   split_fp16, with_g=not scan)
     dc = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     dlamb_part = torch.empty(B, NT, H, K, device=k.device, dtype=torch.float32)
@@ -156,7 +156,7 @@ def chunk_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     # u holds dx until the solve
     g_end = chunk_readout_adjoint(do, k, v, g32, b32, h_kv, u, split_fp16, scan=scan, states=g_states)
     launch_chunk_cg(u, k, g32, b32, lamb32, hs, x, dc, u, dc, dlamb_part, C, cg_steps, cg_tol, bwd=True,
-                    h_tile=h_tile)
+                    h_upper=h_upper)
     (dhe, dh_kk0), (dge, dh_kv0) = chunk_state_passes(
         [StatePass(u, x, dh_kk, -1.0), StatePass(x, do, dh_kv, 1.0)], g32, b32, C, True, split_fp16)
 

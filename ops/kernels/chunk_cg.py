@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_common import below_diagonal_tile, chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
+from .chunk_common import chunk_tokens, mm, mm_pre, split_hi, split_lo, split_pair
 from .chunk_output import chunk_readout, h_states_with_g
 
 # Largest key size of the chunk kernels: the K x K state tile H_c stays in shared memory as a bf16
@@ -80,16 +80,37 @@ def _add_pair(a0, b0, a1, b1):
 
 
 @triton.jit
-def _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, full,
-            K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr):
+def _h_product(pt, ha_hi, ha_lo, hb_hi, hb_lo, full, HALVES: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
+    """H_c P^T (BK, C) fp32, with the lo pass of H_c when full. HALVES: H_c given as its top rows ha (BK/2,
+    BK) and right columns hb (BK, BK/2), H_c P^T = ha^T P_top + hb P_bottom (H_c symmetric); else ha is
+    H_c (BK, BK)."""
+    if HALVES:
+        p_top, p_bottom = tl.split(tl.permute(tl.reshape(pt, (2, BK // 2, C)), (1, 2, 0)))
+        w = tl.zeros([BK, C], dtype=tl.float32)
+        if full:
+            w = tl.dot(tl.trans(ha_lo), p_top, w)
+            w = tl.dot(hb_lo, p_bottom, w)
+        w = tl.dot(tl.trans(ha_hi), p_top, w)
+        w = tl.dot(hb_hi, p_bottom, w)
+    elif full:
+        w = mm_pre(ha_hi, ha_lo, pt, pt, False, True)
+    else:
+        w = tl.dot(ha_hi, pt)
+    return w
+
+
+@triton.jit
+def _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, ha_hi, ha_lo, hb_hi, hb_lo, lamb, full,
+            K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr, HALVES: tl.constexpr, BK: tl.constexpr,
+            C: tl.constexpr):
     """A(P)^T (BK, C) fp32 for directions P^T (BK, C) given in the split dtype (exact there). full: with
-    the lo passes of H_c, S and inexact keys; otherwise one pass per product (module NOTE, relaxed)."""
+    the lo passes of H_c, S and inexact keys; otherwise one pass per product (module NOTE, relaxed).
+    H_c as _h_product takes it."""
     if full:
         st = mm_pre(k_hi, k_lo, pt, pt, K_EXACT, True)
-        w = mm_pre(h_hi, h_lo, pt, pt, False, True)  # (BK, C) H_c P^T
     else:
         st = tl.dot(k_hi, pt)
-        w = tl.dot(h_hi, pt)
+    w = _h_product(pt, ha_hi, ha_lo, hb_hi, hb_lo, full, HALVES, BK, C)
     st = st * mdec_t  # (C, C) S^T
     st_hi = split_hi(st, SPLIT_FP16)
     if full:
@@ -106,7 +127,7 @@ def _chunk_cg_kernel(
     g_ptr,  # (B, T, H) fp32
     beta_ptr,  # (B, T, H) fp32
     lamb_ptr,  # (H, K) fp32
-    hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype (HBA > 0: upper tiles only)
+    hs_ptr,  # (B, NT, H, 2, K, K) chunk-start H as (hi, lo) in the split dtype (HALVES: upper tiles only)
     x_ptr,  # (B, T, H, K) fp32: fwd out q*, bwd in q*
     steps_ptr,  # (B, T, H) int32 fwd out
     u_ptr,  # (B, T, H, K) fp32 bwd out
@@ -114,7 +135,7 @@ def _chunk_cg_kernel(
     dlamb_ptr,  # (B, NT, H, K) fp32 bwd out
     T, H, K, NT, cg_steps, cg_tol,
     C: tl.constexpr, BK: tl.constexpr, BWD: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
-    RELAX: tl.constexpr, HBA: tl.constexpr, HBB: tl.constexpr,
+    RELAX: tl.constexpr, HALVES: tl.constexpr,
 ):
     pid_c, bb, hh, cols, tm, tok = chunk_tokens(T, H, C)
     cg_tol = tl.cast(cg_tol, tl.float32)
@@ -138,15 +159,28 @@ def _chunk_cg_kernel(
     k_hi, k_lo = split_pair(kk, K_EXACT, SPLIT_FP16)
     kt_hi = tl.trans(k_hi)
     kt_lo = tl.trans(k_lo)
-    # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory. Stored as
-    # (HBA x HBB) tiles on or above the diagonal (HBA > 0), H_c's other entries come from their transposes
-    # (one gathered load: a tile assembled in registers would stay there as the dots' A operand)
-    hkk = ik[:, None] * K + ik[None, :]
-    if HBA > 0:
-        mirrored = below_diagonal_tile(ik[:, None], ik[None, :], HBA, HBB)
-        hkk = tl.where(mirrored, ik[None, :] * K + ik[:, None], hkk)
-    h_hi = tl.load(hs_ptr + hbase + hkk, mask=km[:, None] & km[None, :], other=0.0)  # (BK, BK)
-    h_lo = tl.load(hs_ptr + hbase + K * K + hkk, mask=km[:, None] & km[None, :], other=0.0)
+    # loaded in the split dtype and fed to the dots as loaded: the tiles stay in shared memory. HALVES:
+    # stored as its tiles on or above the diagonal in two tile rows, H_c is read as its top rows and right
+    # columns, both stored (a gathered load of the whole tile from the stored entries cost 0.87 ms more per
+    # CG launch at B=8 T=2048 H=16: benchmarks/NOTES-kernels.md, round 13)
+    if HALVES:
+        ih = tl.arange(0, BK // 2)
+        ha_off = ih[:, None] * K + ik[None, :]  # (BK/2, BK)
+        ha_mask = (ih < K)[:, None] & km[None, :]
+        hb_off = ik[:, None] * K + (BK // 2 + ih)[None, :]  # (BK, BK/2)
+        hb_mask = km[:, None] & (BK // 2 + ih < K)[None, :]
+    else:
+        ha_off = ik[:, None] * K + ik[None, :]  # (BK, BK)
+        ha_mask = km[:, None] & km[None, :]
+        hb_off = ha_off
+        hb_mask = ha_mask
+    ha_hi = tl.load(hs_ptr + hbase + ha_off, mask=ha_mask, other=0.0)
+    ha_lo = tl.load(hs_ptr + hbase + K * K + ha_off, mask=ha_mask, other=0.0)
+    hb_hi = ha_hi
+    hb_lo = ha_lo
+    if HALVES:
+        hb_hi = tl.load(hs_ptr + hbase + hb_off, mask=hb_mask, other=0.0)
+        hb_lo = tl.load(hs_ptr + hbase + K * K + hb_off, mask=hb_mask, other=0.0)
     hdiag = (tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0).to(tl.float32)
              + tl.load(hs_ptr + hbase + K * K + ik * (K + 1), mask=km, other=0.0).to(tl.float32))  # (BK,)
     diag = mm(tl.trans(kf * kf), mdec_t, False, False, SPLIT_FP16) + hdiag[:, None] * eb[None, :]
@@ -159,12 +193,14 @@ def _chunk_cg_kernel(
     # of x0. Zero steps keep the unrounded guess, as the reference and the decode kernel do.
     x = rhs / diag
     x_hi = split_hi(x, SPLIT_FP16)
-    r = rhs - _matvec(x_hi, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, True, K_EXACT, SPLIT_FP16)
+    r = rhs - _matvec(x_hi, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, ha_hi, ha_lo, hb_hi, hb_lo, lamb, True,
+                      K_EXACT, SPLIT_FP16, HALVES, BK, C)
     if cg_steps > 0:
         x = x_hi.to(tl.float32)
     else:
-        r = r - _matvec(split_lo(x, x_hi, SPLIT_FP16), k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb,
-                        True, K_EXACT, SPLIT_FP16)
+        x_lo = split_lo(x, x_hi, SPLIT_FP16)
+        r = r - _matvec(x_lo, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, ha_hi, ha_lo, hb_hi, hb_lo, lamb, True,
+                        K_EXACT, SPLIT_FP16, HALVES, BK, C)
     pt = split_hi(r, SPLIT_FP16)
     d = tl.sum(r * r, 0)  # (C,)
     d0 = d
@@ -178,7 +214,8 @@ def _chunk_cg_kernel(
             full = tl.sum((active & (d > RELAX * RELAX * d0)).to(tl.int32), 0) > 0
         else:
             full = True
-        w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, h_hi, h_lo, lamb, full, K_EXACT, SPLIT_FP16)
+        w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, ha_hi, ha_lo, hb_hi, hb_lo, lamb, full, K_EXACT,
+                    SPLIT_FP16, HALVES, BK, C)
         pf = pt.to(tl.float32)
         # p~.A p~ and r.p~ in one cross-warp reduction (r.p~ does not wait for the matvec)
         pw, rp = tl.reduce((pf * w, r * pf), 0, _add_pair)
@@ -224,12 +261,13 @@ def _use_fp16_split() -> bool:
 def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
                     chunk_size: int, cg_steps: int, cg_tol: float, bwd: bool,
                     num_warps: int | None = None, relax: float = CG_RELAX,
-                    h_tile: tuple[int, int] | None = None) -> None:
+                    h_upper: bool = False) -> None:
     """Launch the CG kernel over (chunks, batch * heads); all tensors contiguous (see kernel; the
     outputs of the other direction are not touched). num_warps: None picks the default (8 for
     64-row chunks of K > 64, else 4); relax: residual ratio below which a chunk's matvecs drop their
-    lo passes (0: never). Benchmarks pass others. h_tile: the state tile of hs when it holds only the
-    tiles on or above the diagonal (StatePass.upper), None when it is whole."""
+    lo passes (0: never). Benchmarks pass others. h_upper: hs holds only the tiles on or above the
+    diagonal, in two tile rows (h_states_with_g); the kernel then reads H_c as its top rows and right
+    columns, which suit a whole hs too."""
     B, T, H, K = k.shape
     NT = triton.cdiv(T, chunk_size)
     split_fp16 = _use_fp16_split()
@@ -239,7 +277,7 @@ def launch_chunk_cg(rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
         rhs, k, g, beta, lamb, hs, x, steps, u, dc, dlamb,
         T, H, K, NT, cg_steps, cg_tol,
         C=chunk_size, BK=BK, BWD=bwd, K_EXACT=k.dtype == split_dt, SPLIT_FP16=split_fp16, RELAX=relax,
-        HBA=h_tile[0] if h_tile else 0, HBB=h_tile[1] if h_tile else 0,
+        HALVES=h_upper,
         num_warps=num_warps or (8 if BK >= 128 and chunk_size >= 64 else 4),
     )
 
@@ -267,12 +305,12 @@ def chunk_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
     split_fp16 = _use_fp16_split()
     # the read-out reads G_c from states that the H pass's launch also writes
     h_kv = h_kv.float().contiguous()
-    hs, h_tile, h_kk_out, g_states = h_states_with_g(k, v, g32, b32, h_kk.float().contiguous(), h_kv,
+    hs, h_upper, h_kk_out, g_states = h_states_with_g(k, v, g32, b32, h_kk.float().contiguous(), h_kv,
                                                      chunk_size, split_fp16, with_g=True)
     x = torch.empty(B, T, H, K, device=q.device, dtype=torch.float32)
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype or v.dtype)
     steps = torch.empty(B, T, H, device=q.device, dtype=torch.int32)
     launch_chunk_cg(q, k, g32, b32, lamb, hs, x, steps, x, g32, lamb, chunk_size, cg_steps, cg_tol, bwd=False,
-                    relax=relax, h_tile=h_tile)
+                    relax=relax, h_upper=h_upper)
     h_kv_out = chunk_readout(x, k, v, g32, b32, h_kv, o, split_fp16, states=g_states)
     return o, x, h_kk_out, h_kv_out, steps

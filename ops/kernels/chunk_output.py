@@ -254,16 +254,19 @@ def readout_state_pass(k: torch.Tensor, v: torch.Tensor, h_kv: torch.Tensor, chu
 
 def h_states_with_g(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, h_kk: torch.Tensor,
                     h_kv: torch.Tensor, chunk_size: int, split_fp16: bool, with_g: bool
-                    ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor,
-                               tuple[torch.Tensor, torch.Tensor] | None]:
-    """The H state pass at chunk_size: stored H_c (only the tiles on or above the diagonal, StatePass.upper),
-    their tile shape, final H; and, when with_g and chunk_size divides the read-outs' chunk, the read-out's
-    G states from the same launch (else None: the read-out runs its own G pass or scans)."""
-    passes = [StatePass(k, k, h_kk, upper=True)]
+                    ) -> tuple[torch.Tensor, bool, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The H state pass at chunk_size: stored H_c, whether only its tiles on or above the diagonal are
+    stored (StatePass.upper: where the state tiles are two tile rows of the CG's, launch_chunk_cg's
+    h_upper), final H; and, when with_g and chunk_size divides the read-outs' chunk, the read-out's G
+    states from the same launch (else None: the read-out runs its own G pass or scans)."""
+    passes = [StatePass(k, k, h_kk)]
     if with_g and READOUT_CHUNKS["states"] % chunk_size == 0:
         passes.append(readout_state_pass(k, v, h_kv, chunk_size))
+    half = max(16, triton.next_power_of_2(k.shape[-1])) // 2
+    upper = state_tiles(passes, False) == (half, half)
+    passes[0] = passes[0]._replace(upper=upper)
     (hs, h_fin), *g_states = chunk_state_passes(passes, g, beta, chunk_size, False, split_fp16)
-    return hs, state_tiles(passes, False), h_fin, (g_states[0] if g_states else None)
+    return hs, upper, h_fin, (g_states[0] if g_states else None)
 
 
 def _g_states(k, v, g, beta, h_kv, split_fp16, scan, states):
