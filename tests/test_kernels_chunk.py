@@ -151,7 +151,8 @@ def _relaxed_solves() -> dict:
 def _upper_states(device: str) -> dict:
     """The H state pass storing every tile and only the tiles on or above the diagonal (StatePass.upper),
     and the CG's q* from each, with the entries of the unstored tiles set to NaN (the CG kernel must not
-    read them); tiles of 32 on the CPU (K = 48: a masked one mirrored), 64 on the GPU (K = 128)."""
+    read them); state tiles of half the CG's key block, as h_states_with_g stores upper tiles: 32 on the
+    CPU (K = 48: a masked one mirrored), 64 on the GPU (K = 128)."""
     from mesa_compile.ops.kernels import chunk_states
     from mesa_compile.ops.kernels.chunk_cg import _use_fp16_split, launch_chunk_cg
 
@@ -159,8 +160,8 @@ def _upper_states(device: str) -> dict:
     q, k, _, g, beta, lamb, h_kk, _ = make_inputs(B, T, H, K, K, torch.float32 if device == "cpu"
                                                   else torch.bfloat16, device)
     occupancy = chunk_states.fills_device
-    if device == "cpu":
-        chunk_states.fills_device = lambda *_: False
+    # 32 x 32 tiles where the launch leaves few programs per SM (as on the CPU here), else 64 x 64
+    chunk_states.fills_device = lambda *_: device != "cpu"
     try:
         passes = {upper: [chunk_states.StatePass(k, k, h_kk, upper=upper)] for upper in (False, True)}
         out = {upper: chunk_states.chunk_state_passes(p, g, beta, C, False, _use_fp16_split())[0]
@@ -186,7 +187,8 @@ def _check_upper_states(res: dict) -> None:
     its mirrored entries the transposes of the computed ones; the CG reads none of the unstored entries
     (NaN) and solves the same system (H_c exactly symmetric instead of up to rounding: 1e-5)."""
     mirrored = res["mirrored"]
-    assert mirrored.any() and res["tile"][0] < mirrored.shape[0], res["tile"]
+    half = 2 ** ((mirrored.shape[0] - 1).bit_length() - 1)  # half the CG's key block (next power of two)
+    assert mirrored.any() and res["tile"] == (half, half), res["tile"]
     whole, upper = res[False], res[True]
     assert torch.equal(upper[0][..., ~mirrored], whole[0][..., ~mirrored])
     fin = upper[1]

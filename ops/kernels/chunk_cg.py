@@ -21,6 +21,10 @@ dimension, split across the warp groups. With tokens as M (C = 64 rows) both war
 needed their own register copies of every per-step A operand: 255 registers and 4.2 KB of spills per
 thread (sm_90a compiler report). The kernel does nothing but the solve: a read-out after the loop kept
 its tiles live through it and cost 1.7x in time per step (benchmarks/NOTES-kernels.md, round 4).
+Where the H pass stores only H_c's tiles on or above the diagonal (h_upper), H_c P^T is computed as
+top^T P_top + right P_bottom from its top rows (BK/2, BK) and right columns (BK, BK/2), the same wgmma
+count. NOTE: H100, B=8 T=2048 H=16 K=V=128, the forward at 10 / 30 steps 2.251 -> 2.180 / 4.281 ->
+4.218 ms with it (benchmarks/NOTES-kernels.md, round 13).
 NOTE (numerics): CG with rounded search directions. P is rounded to the split dtype and the rounded
 p~ is used consistently (x += alpha p~, r -= alpha A p~, alpha = r.p~ / p~.A p~, next p = r + beta p~),
 so r stays the residual of x: the rounding slows convergence a little but sets no error floor.

@@ -11,9 +11,10 @@ S at every chunk boundary (a forward pass may store every n-th only), then updat
 b is the within-chunk cumulative log decay, b_L its value at the chunk's last row. States are fp32;
 the boundary states are stored as a (hi, lo) pair in the split dtype (the bytes of fp32): the CG and
 gradient kernels feed them to the tensor cores as loaded, which keeps them in shared memory.
-The symmetric H (StatePass.upper) is stored as its tiles on or above the diagonal only: no program runs
-for a tile below it (its final state is written, transposed, by the mirror tile's program), and the CG
-kernel reads entry (j, i) there. At K = 128 and 64 x 64 tiles that is 3/4 of the bytes of H_c, written
+The symmetric H may be stored as its tiles on or above the diagonal only (StatePass.upper): no program
+runs for a tile below it (its final state is written, transposed, by the mirror tile's program). With
+tiles of half the CG's key block (chunk_output.h_states_with_g) the CG kernel reads H_c as its top rows
+and right columns, both stored. At K = 128 and 64 x 64 tiles that is 3/4 of the bytes of H_c, written
 here and read back by every CG program.
 """
 from __future__ import annotations
