@@ -77,7 +77,8 @@ def cg_alone(tree, q, k, g, beta, lamb, steps: int, **launch_kw):
     C = cg.chunk_len(64, D)
     split_fp16 = cg._use_fp16_split()
     z = torch.zeros(B, H, D, D, device=k.device)
-    if hasattr(states, "state_tiles"):  # trees whose H_c may be stored as upper tiles, as their chunk_fwd does
+    # trees whose H_c may be stored as upper tiles get their states as their chunk_fwd does
+    if hasattr(states, "state_tiles"):
         out = importlib.import_module(f"{tree.__name__}.chunk_output")
         hs, h_upper, _, _ = out.h_states_with_g(k, k, g, beta, z, z, C, split_fp16, False)
         launch_kw = dict(launch_kw, h_upper=h_upper)
