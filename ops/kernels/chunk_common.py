@@ -49,7 +49,7 @@ def split_lo(x, hi, SPLIT_FP16: tl.constexpr):
 def below_diagonal_tile(i, j, BI: tl.constexpr, BJ: tl.constexpr):
     """Whether entry (i, j) of a state stored in (BI x BJ) tiles lies in a tile wholly below the diagonal.
     A state pass stores only the other tiles of a symmetric state (StatePass.upper, chunk_states.py);
-    its readers take entry (j, i) there, which always lies in a stored tile."""
+    entry (j, i), the transpose of such an entry, always lies in a stored tile."""
     return (i // BI) * BI >= (j // BJ + 1) * BJ
 
 

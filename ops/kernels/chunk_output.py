@@ -256,7 +256,7 @@ def h_states_with_g(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: tor
                     h_kv: torch.Tensor, chunk_size: int, split_fp16: bool, with_g: bool
                     ) -> tuple[torch.Tensor, bool, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The H state pass at chunk_size: stored H_c, whether only its tiles on or above the diagonal are
-    stored (StatePass.upper: where the state tiles are two tile rows of the CG's, launch_chunk_cg's
+    stored (StatePass.upper: where the state tiles are half the CG's key block; launch_chunk_cg's
     h_upper), final H; and, when with_g and chunk_size divides the read-outs' chunk, the read-out's G
     states from the same launch (else None: the read-out runs its own G pass or scans)."""
     passes = [StatePass(k, k, h_kk)]
