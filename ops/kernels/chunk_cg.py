@@ -84,6 +84,12 @@ def _add_pair(a0, b0, a1, b1):
 
 
 @triton.jit
+def _state_pair(h_ptr, offs, mask, KK):
+    """The (hi, lo) entries at offs of a state stored as its hi then its lo part (KK entries each)."""
+    return tl.load(h_ptr + offs, mask=mask, other=0.0), tl.load(h_ptr + KK + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _h_product(pt, ha_hi, ha_lo, hb_hi, hb_lo, full, HALVES: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
     """H_c P^T (BK, C) fp32, with the lo pass of H_c when full. HALVES: H_c given as its top rows ha (BK/2,
     BK) and right columns hb (BK, BK/2), H_c P^T = ha^T P_top + hb P_bottom (H_c symmetric); else ha is
@@ -167,26 +173,19 @@ def _chunk_cg_kernel(
     # stored as its tiles on or above the diagonal in two tile rows, H_c is read as its top rows and right
     # columns, both stored (a gathered load of the whole tile from the stored entries cost 0.87 ms more per
     # CG launch at B=8 T=2048 H=16: benchmarks/NOTES-kernels.md, round 13)
+    h_ptr = hs_ptr + hbase
     if HALVES:
         ih = tl.arange(0, BK // 2)
-        ha_off = ih[:, None] * K + ik[None, :]  # (BK/2, BK)
-        ha_mask = (ih < K)[:, None] & km[None, :]
-        hb_off = ik[:, None] * K + (BK // 2 + ih)[None, :]  # (BK, BK/2)
-        hb_mask = km[:, None] & (BK // 2 + ih < K)[None, :]
+        # top rows (BK/2, BK) and right columns (BK, BK/2)
+        ha_hi, ha_lo = _state_pair(h_ptr, ih[:, None] * K + ik[None, :], (ih < K)[:, None] & km[None, :],
+                                   K * K)
+        hb_hi, hb_lo = _state_pair(h_ptr, ik[:, None] * K + (BK // 2 + ih)[None, :],
+                                   km[:, None] & (BK // 2 + ih < K)[None, :], K * K)
     else:
-        ha_off = ik[:, None] * K + ik[None, :]  # (BK, BK)
-        ha_mask = km[:, None] & km[None, :]
-        hb_off = ha_off
-        hb_mask = ha_mask
-    ha_hi = tl.load(hs_ptr + hbase + ha_off, mask=ha_mask, other=0.0)
-    ha_lo = tl.load(hs_ptr + hbase + K * K + ha_off, mask=ha_mask, other=0.0)
-    hb_hi = ha_hi
-    hb_lo = ha_lo
-    if HALVES:
-        hb_hi = tl.load(hs_ptr + hbase + hb_off, mask=hb_mask, other=0.0)
-        hb_lo = tl.load(hs_ptr + hbase + K * K + hb_off, mask=hb_mask, other=0.0)
-    hdiag = (tl.load(hs_ptr + hbase + ik * (K + 1), mask=km, other=0.0).to(tl.float32)
-             + tl.load(hs_ptr + hbase + K * K + ik * (K + 1), mask=km, other=0.0).to(tl.float32))  # (BK,)
+        ha_hi, ha_lo = _state_pair(h_ptr, ik[:, None] * K + ik[None, :], km[:, None] & km[None, :], K * K)
+        hb_hi, hb_lo = ha_hi, ha_lo
+    d_hi, d_lo = _state_pair(h_ptr, ik * (K + 1), km, K * K)
+    hdiag = d_hi.to(tl.float32) + d_lo.to(tl.float32)  # (BK,)
     diag = mm(tl.trans(kf * kf), mdec_t, False, False, SPLIT_FP16) + hdiag[:, None] * eb[None, :]
     diag = diag + lamb[:, None]  # (BK, C)
 
