@@ -44,6 +44,10 @@ all lo passes / relaxed at 1e-3): cond ~5 4.05e-6 / 4.08e-6, cond ~350 5.70e-5 /
 1.80e-4 / 1.87e-4, with 21-23 of the 30 steps relaxed; at 1e-2 cond ~850 lost 2.6x (4.7e-4). H100,
 B=8 T=2048 H=16 K=V=128 bf16 (benchmarks/NOTES-kernels.md, round 9): a step 117 us with the lo passes,
 98 us without; the 30-step CG kernel 3.93 -> 3.52 ms, the 10-step one 1.60 -> 1.57 ms.
+Each kind of step is compiled whole in its own branch of the loop (_cg_step, FULL a compile-time flag),
+so a relaxed step runs none of the full step's code. NOTE: H200, same shape, the CG kernel at 30 / 10 steps
+3.586 -> 3.424 / 1.553 -> 1.518 ms against one step body with run-time branches (benchmarks/NOTES-kernels.md,
+round 15). Two loops, full steps then relaxed ones, raised an illegal memory access on triton 3.6.
 """
 from __future__ import annotations
 
@@ -131,6 +135,41 @@ def _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, ha_hi, ha_lo, hb_hi, hb_lo
 
 
 @triton.jit
+def _any_above(active, d, bound):
+    """Whether some active row's squared residual d is above bound (C,)."""
+    return tl.sum((active & (d > bound)).to(tl.int32), 0) > 0
+
+
+@triton.jit
+def _cg_step(x, r, pt, d, d0, active, steps, tol2, cg_tol, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, ha_hi, ha_lo,
+             hb_hi, hb_lo, lamb, FULL: tl.constexpr, K_EXACT: tl.constexpr, SPLIT_FP16: tl.constexpr,
+             HALVES: tl.constexpr, BK: tl.constexpr, C: tl.constexpr):
+    """One CG step of the active rows (module docstring), with the lo passes (FULL) or relaxed; returns the
+    new (x, r, p~, d, active, steps, number of active rows)."""
+    w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, ha_hi, ha_lo, hb_hi, hb_lo, lamb, FULL, K_EXACT,
+                SPLIT_FP16, HALVES, BK, C)
+    pf = pt.to(tl.float32)
+    # p~.A p~ and r.p~ in one cross-warp reduction (r.p~ does not wait for the matvec)
+    pw, rp = tl.reduce((pf * w, r * pf), 0, _add_pair)
+    ok = active & (pw > 0) & (pw < float("inf"))
+    # exact line search along p~ (r.p~, not r.r: p~ is not p) keeps each step an energy descent
+    alpha = tl.where(ok, tl.fdiv(rp, tl.where(ok, pw, 1.0)), 0.0)  # 2-ulp division: x, r share it
+    # alpha = 0 leaves x unchanged (p~ is finite); w of a broken-down row may not be finite
+    x = x + alpha[None, :] * pf
+    r = tl.where(ok[None, :], r - alpha[None, :] * w, r)
+    d_new = tl.sum(r * r, 0)
+    steps += ok.to(tl.int32)
+    go = ok & (d_new > 0)
+    if cg_tol > 0:
+        go = go & (d_new > tol2 * d0)
+    bcg = tl.where(go, tl.fdiv(d_new, tl.where(go, d, 1.0)), 0.0)
+    # a stopped row never steps again (active = False): its finite p = r is left unused
+    pt = split_hi(r + bcg[None, :] * pf, SPLIT_FP16)
+    d = tl.where(go, d_new, d)
+    return x, r, pt, d, go, steps, tl.sum(go.to(tl.int32), 0)
+
+
+@triton.jit
 def _chunk_cg_kernel(
     rhs_ptr,  # (B, T, H, K) right-hand side: q (fwd), dx fp32 (bwd)
     k_ptr,  # (B, T, H, K)
@@ -211,35 +250,18 @@ def _chunk_cg_kernel(
     steps = tl.zeros([C], dtype=tl.int32)
     it = 0
     n_active = tl.sum(active.to(tl.int32), 0)
+    # the lo passes while some active row's residual is above RELAX of its initial one (module NOTE); the
+    # two calls differ only in FULL, a compile-time flag, so that each kind of step is compiled whole
     while (it < cg_steps) & (n_active > 0):
-        # the lo passes while some active row's residual is above RELAX of its initial one
-        if RELAX > 0:
-            full = tl.sum((active & (d > RELAX * RELAX * d0)).to(tl.int32), 0) > 0
+        if _any_above(active, d, RELAX * RELAX * d0):
+            x, r, pt, d, active, steps, n_active = _cg_step(
+                x, r, pt, d, d0, active, steps, tol2, cg_tol, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb,
+                ha_hi, ha_lo, hb_hi, hb_lo, lamb, True, K_EXACT, SPLIT_FP16, HALVES, BK, C)
         else:
-            full = True
-        w = _matvec(pt, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb, ha_hi, ha_lo, hb_hi, hb_lo, lamb, full, K_EXACT,
-                    SPLIT_FP16, HALVES, BK, C)
-        pf = pt.to(tl.float32)
-        # p~.A p~ and r.p~ in one cross-warp reduction (r.p~ does not wait for the matvec)
-        pw, rp = tl.reduce((pf * w, r * pf), 0, _add_pair)
-        ok = active & (pw > 0) & (pw < float("inf"))
-        # exact line search along p~ (r.p~, not r.r: p~ is not p) keeps each step an energy descent
-        alpha = tl.where(ok, tl.fdiv(rp, tl.where(ok, pw, 1.0)), 0.0)  # 2-ulp division: x, r share it
-        # alpha = 0 leaves x unchanged (p~ is finite); w of a broken-down row may not be finite
-        x = x + alpha[None, :] * pf
-        r = tl.where(ok[None, :], r - alpha[None, :] * w, r)
-        d_new = tl.sum(r * r, 0)
-        steps += ok.to(tl.int32)
-        go = ok & (d_new > 0)
-        if cg_tol > 0:
-            go = go & (d_new > tol2 * d0)
-        bcg = tl.where(go, tl.fdiv(d_new, tl.where(go, d, 1.0)), 0.0)
-        # a stopped row never steps again (active = False): its finite p = r is left unused
-        pt = split_hi(r + bcg[None, :] * pf, SPLIT_FP16)
-        d = tl.where(go, d_new, d)
-        active = go
+            x, r, pt, d, active, steps, n_active = _cg_step(
+                x, r, pt, d, d0, active, steps, tol2, cg_tol, k_hi, k_lo, kt_hi, kt_lo, mdec_t, eb,
+                ha_hi, ha_lo, hb_hi, hb_lo, lamb, False, K_EXACT, SPLIT_FP16, HALVES, BK, C)
         it += 1
-        n_active = tl.sum(active.to(tl.int32), 0)
 
     if BWD:
         tl.store(u_ptr + tok[None, :] * K + ik[:, None], x, mask=kc)
