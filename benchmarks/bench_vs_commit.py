@@ -3,12 +3,12 @@
 A kernel change is judged by a ratio measured in one run (benchmarks/NOTES-kernels.md). This script
 copies `ops/kernels` of a commit (git) or a directory into a temporary package, imports it beside the
 installed `mesa_compile.ops.kernels`, and times both through their stable entry points `chunk_fwd` /
-`chunk_bwd` and their forward CG kernel alone (cg_alone says for which commits), with fla 0.6.0's
-forward in the same process where it is installed (inputs like bench_ops.py's: B=8 T=2048 H=16 K=V=128
-bf16, pre-normalised q, k). It also compares both against the exact fp64 solve on
-random and ill-conditioned (cond ~400) heads, o kept in fp32.
+`chunk_bwd`, their forward state passes, and their forward CG kernel alone (cg_alone says for which
+commits), with fla 0.6.0's forward and forward+backward in the same process where it is installed
+(inputs like bench_ops.py's: B=8 T=2048 H=16 K=V=128 bf16, pre-normalised q, k). It also compares both
+against the exact fp64 solve on random and ill-conditioned (cond ~400) heads, o kept in fp32.
 Writes <out>/bench_vs_commit.json and .md.
-Usage: python benchmarks/bench_vs_commit.py --base COMMIT|DIR [--out DIR] [--shape B,T,H,D]
+Usage: python benchmarks/bench_vs_commit.py --base COMMIT|DIR [--out DIR] [--shape B,T,H,D] [--no-fla]
        python benchmarks/bench_vs_commit.py --base COMMIT|DIR --check   (tiny shapes, any device: outputs
        of both trees against each other and the exact solve, no timing; with TRITON_INTERPRET=1 on CPU)
 """
@@ -109,22 +109,35 @@ def accuracy(trees: dict, device: str, shape: tuple, steps_list: tuple) -> list[
     return rows
 
 
-def timings(trees: dict, shape: tuple) -> dict:
+def state_passes(tree, k, v, g, beta):
+    """A closure that launches the tree's forward state passes (H, and the read-out's G where they share a
+    launch) as its chunk_fwd does, from zero states."""
+    cg = importlib.import_module(f"{tree.__name__}.chunk_cg")
+    out = importlib.import_module(f"{tree.__name__}.chunk_output")
+    B, T, H, D = k.shape
+    z = torch.zeros(B, H, D, D, device=k.device)
+    return lambda: out.h_states_with_g(k, v, g, beta, z, z, cg.chunk_len(64, D), cg._use_fp16_split(), True)
+
+
+def timings(trees: dict, shape: tuple, with_fla: bool) -> dict:
     from triton.testing import do_bench
 
     def ms(fn):
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    try:
-        from fla.ops.mesa_net import chunk_mesa_net
-    except ImportError:
-        chunk_mesa_net = None
+    chunk_mesa_net = None
+    if with_fla:
+        try:
+            from fla.ops.mesa_net import chunk_mesa_net
+        except ImportError:
+            pass
     torch.manual_seed(0)
     q, k, v, g, beta, lamb = make(*shape, "cuda")
     B, T, H, D = shape
     z = torch.zeros(B, H, D, D, device="cuda")
     do = torch.randn_like(v)
-    res = {}
+    res = {f"{tag}_states": ms(state_passes(tree, k, v, g, beta)) for tag, tree in trees.items()}
+    print(json.dumps(res), flush=True)
     for steps in (30, 10):
         for tag, tree in trees.items():
             res[f"{tag}_cg_{steps}"] = ms(cg_alone(tree, q, k, g, beta, lamb, steps)[0])
@@ -139,6 +152,13 @@ def timings(trees: dict, shape: tuple) -> dict:
         if chunk_mesa_net is not None:
             res[f"fla_fwd_{steps}"] = ms(lambda: chunk_mesa_net(q, k, v, g, beta, lamb,
                                                                  max_CG_iteration=steps))
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, lamb)]
+
+            def fla_fwd_bwd():
+                chunk_mesa_net(*leaves, max_CG_iteration=steps)[0].backward(do)
+
+            # includes autograd's few microseconds, which our direct chunk_fwd/chunk_bwd calls skip
+            res[f"fla_fwdbwd_{steps}"] = ms(fla_fwd_bwd)
         print(json.dumps({key: val for key, val in res.items() if key.endswith(f"_{steps}")}), flush=True)
     return res
 
@@ -150,6 +170,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--shape", default="8,2048,16,128", metavar="B,T,H,D")
     ap.add_argument("--check", action="store_true", help="tiny shapes, outputs only (CPU interpreter or GPU)")
+    ap.add_argument("--no-fla", action="store_true", help="leave out fla's columns (and its autotuning time)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,19 +194,22 @@ def main():
             from torch._library.triton import set_wrap_triton_enabled
 
             with set_wrap_triton_enabled(False):
-                result = dict(meta=meta, timings=timings(trees, tuple(int(n) for n in a.shape.split(","))),
+                result = dict(meta=meta, timings=timings(trees, tuple(int(n) for n in a.shape.split(",")),
+                                                             not a.no_fla),
                               accuracy=accuracy(trees, device, (1, 1024, 4, 128), (30, 10)))
     (out / "bench_vs_commit.json").write_text(json.dumps(result, indent=1))
     lines = [f"# bench_vs_commit: working tree vs {a.base}, {meta['card']}, torch {meta['torch']}", ""]
     if "timings" in result:
         lines += ["| CG steps | base CG kernel | tree CG kernel | base fwd | tree fwd | fla fwd "
-                  "| base fwd+bwd | tree fwd+bwd |", "|---|---|---|---|---|---|---|---|"]
+                  "| base fwd+bwd | tree fwd+bwd | fla fwd+bwd |", "|---|---|---|---|---|---|---|---|---|"]
         t = result["timings"]
         for steps in (30, 10):
-            keys = ("base_cg", "tree_cg", "base_fwd", "tree_fwd", "fla_fwd", "base_fwdbwd", "tree_fwdbwd")
+            keys = ("base_cg", "tree_cg", "base_fwd", "tree_fwd", "fla_fwd", "base_fwdbwd", "tree_fwdbwd",
+                    "fla_fwdbwd")
             cells = [t.get(f"{key}_{steps}", float("nan")) for key in keys]
             lines.append(f"| {steps} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
-        lines.append("")
+        states = f"state passes alone: base {t['base_states']:.3f} ms, tree {t['tree_states']:.3f} ms"
+        lines += ["", states, ""]
     columns = [key for key in result["accuracy"][0] if key not in ("corr", "gate_bias")]
     lines += ["rel. error of o (fp32) vs the exact fp64 solve", "", "| keys | " + " | ".join(columns) + " |",
               "|---|" + "---|" * len(columns)]
