@@ -18,13 +18,12 @@ from pathlib import Path
 
 import torch
 import triton
-from bench_ops import make  # benchmarks/ is on the path as the script's directory
+from bench_ops import make, ms  # benchmarks/ is on the path as the script's directory
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.kernels import chunk_fwd
 from torch._library.triton import set_wrap_triton_enabled  # what torch.library.triton_op does in eager
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
-from triton.testing import do_bench
 
 
 def kernel_times(fn: Callable[[], object], reps: int) -> dict[str, dict[str, float]]:
@@ -66,7 +65,7 @@ def main():
             forwards = {"ours": lambda n=steps: chunk_fwd(q, k, v, g, beta, lamb, z, z, 64, n, 0.0),
                         "fla": lambda n=steps: chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=n)}
             for tag, fn in forwards.items():
-                run = {"ms": do_bench(fn, warmup=25, rep=100, return_mode="median"),
+                run = {"ms": ms(fn),
                        "kernels": kernel_times(fn, a.reps)}
                 result["runs"][f"{tag}_{steps}"] = run
                 print(tag, steps, json.dumps(run), flush=True)
