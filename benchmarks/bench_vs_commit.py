@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_ops import relerr  # benchmarks/ is on the path as the script's directory
+from bench_ops import ms, relerr  # benchmarks/ is on the path as the script's directory
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops import kernels as ours
 
@@ -120,11 +120,6 @@ def state_passes(tree, k, v, g, beta):
 
 
 def timings(trees: dict, shape: tuple, with_fla: bool) -> dict:
-    from triton.testing import do_bench
-
-    def ms(fn):
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
     try:
         from fla.ops.mesa_net import chunk_mesa_net
     except ImportError:  # fla's columns stay nan where it is not installed

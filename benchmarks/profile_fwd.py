@@ -65,8 +65,7 @@ def main():
             forwards = {"ours": lambda n=steps: chunk_fwd(q, k, v, g, beta, lamb, z, z, 64, n, 0.0),
                         "fla": lambda n=steps: chunk_mesa_net(q, k, v, g, beta, lamb, max_CG_iteration=n)}
             for tag, fn in forwards.items():
-                run = {"ms": ms(fn),
-                       "kernels": kernel_times(fn, a.reps)}
+                run = {"ms": ms(fn), "kernels": kernel_times(fn, a.reps)}
                 result["runs"][f"{tag}_{steps}"] = run
                 print(tag, steps, json.dumps(run), flush=True)
     out = Path(a.out)
