@@ -123,11 +123,15 @@ def matvec(p: torch.Tensor, d: dict, variant: str) -> torch.Tensor:
     return d["eb"][..., None] * hp + intra + LAMB * p
 
 
+def token_systems(d: dict) -> torch.Tensor:
+    """A_t = H_t + lamb I of every token, (H, NT, C, D, D) fp64, from chunked_inputs' tiles."""
+    intra = torch.einsum("hnts,hnsi,hnsj->hntij", d["m"], d["k"], d["k"])
+    return d["eb"][..., None, None] * d["hc"][:, :, None] + intra + LAMB * torch.eye(D, dtype=torch.float64)
+
+
 def simulate(corr: float, gate_bias: float, variants: tuple[str, ...] = VARIANTS) -> dict:
     d = chunked_inputs(corr, gate_bias)
-    intra = torch.einsum("hnts,hnsi,hnsj->hntij", d["m"], d["k"], d["k"])
-    h_t = d["eb"][..., None, None] * d["hc"][:, :, None] + intra + LAMB * torch.eye(D, dtype=torch.float64)
-    del intra
+    h_t = token_systems(d)
     x_exact = torch.linalg.solve(h_t, d["q"][..., None])[..., 0]
     o_exact = read_out(x_exact, d)
     row = dict(corr=corr, gate_bias=gate_bias, median_cond=torch.linalg.cond(h_t).median().item())
