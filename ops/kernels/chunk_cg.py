@@ -47,7 +47,8 @@ B=8 T=2048 H=16 K=V=128 bf16 (benchmarks/NOTES-kernels.md, round 9): a step 117 
 Each kind of step is compiled whole in its own branch of the loop (_cg_step, FULL a compile-time flag),
 so a relaxed step runs none of the full step's code. NOTE: H200, same shape, the CG kernel at 30 / 10 steps
 3.586 -> 3.424 / 1.553 -> 1.518 ms against one step body with run-time branches (benchmarks/NOTES-kernels.md,
-round 15). Two loops, full steps then relaxed ones, raised an illegal memory access on triton 3.6.
+round 15). Two loops, full steps then relaxed ones, raised an illegal memory access with triton 3.6's
+ptxas 12.8; with ptxas 13.4 they ran, 18% slower (benchmarks/NOTES-kernels.md, round 17).
 """
 from __future__ import annotations
 
