@@ -46,15 +46,28 @@ def compile_cg(chunk: int, bk: int, warps: int, relax: float, halves: bool) -> t
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
+def parse_sass(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction text) of every instruction of a `cuobjdump -sass` listing."""
+    return [(int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def back_edge(code: list[tuple[int, str]], index: dict[int, int], i: int) -> int | None:
+    """Index of the target of instruction i of parse_sass's list if it branches backwards (closes a loop);
+    index maps addresses to positions."""
+    m = re.search(r"BRA\s.*?0x([0-9a-f]+)", code[i][1])
+    target = index.get(int(m.group(1), 16)) if m else None
+    return target if target is not None and target < i else None
+
+
 def loops(sass: str) -> list[dict]:
     """Instruction counts of each backward-branch range (a loop body) of a disassembly."""
-    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    code = parse_sass(sass)
     index = {addr: i for i, (addr, _) in enumerate(code)}
     found = []
-    for i, (addr, text) in enumerate(code):
-        m = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
-            body = [t for _, t in code[index[int(m.group(1), 16)]:i + 1]]
+    for i in range(len(code)):
+        start = back_edge(code, index, i)
+        if start is not None:
+            body = [t for _, t in code[start:i + 1]]
             found.append({key: sum(1 for t in body if re.search(pat, t)) for key, pat in COUNTED.items()})
     return found
 

@@ -28,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 WGMMA = re.compile(r"wgmma\.mma_async\.sync\.aligned\.(\w+)\.\w+\.\w+\.\w+\s+\{[^}]*\},\s*(\{)?")
-SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
 # opcodes whose first register operand is not written
 NO_DEST = ("ST", "RED", "BAR", "BRA", "WARPGROUP", "MEMBAR", "FENCE", "EXIT", "BSYNC", "BSSY", "NOP",
            "WARPSYNC", "CALL", "RET", "BREAK", "DEPBAR", "CCTL", "ERRBAR", "SYNCS", "UTMA")
@@ -53,17 +52,23 @@ def _dest_width(op: str) -> int:
     return 4 if ".128" in op else 2 if (".64" in op or ".WIDE" in op) else 1
 
 
+def _register_range(operand: str, width: int) -> set[int]:
+    """The registers a register operand (`R24`) spans; empty for any other operand."""
+    return set(range(int(operand[1:]), int(operand[1:]) + width)) if re.fullmatch(r"R\d+", operand) else set()
+
+
 def sass_hazards(sass: str) -> dict:
     """Hazards of asynchronous HGMMA groups in a listing, until `WARPGROUP.DEPBAR.LE gsb0, 0x0` (module
     docstring): writes to a pending register A operand, uses of a pending accumulator."""
-    code = [m.group(2).strip() for m in SASS_LINE.finditer(sass)]
-    addr = [int(m.group(1), 16) for m in SASS_LINE.finditer(sass)]
-    index = {a: i for i, a in enumerate(addr)}
+    from sass_report import back_edge, parse_sass  # imports triton: not before main() sets the cache
+
+    code = parse_sass(sass)
+    index = {a: i for i, (a, _) in enumerate(code)}
     found = {"a_writes": 0, "acc_uses": 0}
 
     def walk(start: int, stop: int, a_regs: set, acc: set, followed: set) -> None:
         for i in range(start, stop):
-            body = re.sub(r"^@!?U?P\w+\s+", "", code[i])
+            body = re.sub(r"^@!?U?P\w+\s+", "", code[i][1])
             op = body.split()[0]
             operands = [o.strip() for o in body[len(op):].split(",")]
             if op.startswith("WARPGROUP.DEPBAR") and operands[-1] == "0x0":
@@ -71,24 +76,20 @@ def sass_hazards(sass: str) -> dict:
                 acc.clear()
                 continue
             if op.startswith("HGMMA"):
-                if re.fullmatch(r"R\d+", operands[0]):
-                    acc.update(range(int(operands[0][1:]), int(operands[0][1:]) + _dest_width(op)))
-                if len(operands) > 1 and re.fullmatch(r"R\d+", operands[1]):
-                    a_regs.update(range(int(operands[1][1:]), int(operands[1][1:]) + 4))
+                acc |= _register_range(operands[0], _dest_width(op))
+                if len(operands) > 1:
+                    a_regs |= _register_range(operands[1], 4)
                 continue
             if not (a_regs or acc):
                 continue
-            dest = set()
-            if not op.startswith(NO_DEST) and operands and re.fullmatch(r"R\d+", operands[0]):
-                dest = set(range(int(operands[0][1:]), int(operands[0][1:]) + _dest_width(op)))
+            dest = set() if op.startswith(NO_DEST) else _register_range(operands[0], _dest_width(op))
             used = {int(r) for r in re.findall(r"\bR(\d+)\b", body[len(op):])} | dest
             found["a_writes"] += len(dest & a_regs)
             found["acc_uses"] += len(used & acc)
-            branch = re.search(r"BRA\s.*?0x([0-9a-f]+)", body)
-            if branch and int(branch.group(1), 16) in index and index[int(branch.group(1), 16)] < i \
-                    and i not in followed and (a_regs or acc):
+            target = back_edge(code, index, i)
+            if target is not None and i not in followed:
                 followed.add(i)  # the back edge once, with the groups still pending
-                walk(index[int(branch.group(1), 16)], i, set(a_regs), set(acc), followed)
+                walk(target, i, set(a_regs), set(acc), followed)
 
     walk(0, len(code), set(), set(), set())
     return found
