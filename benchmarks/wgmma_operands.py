@@ -12,7 +12,9 @@ chunk and decode kernel with an empty Triton cache, at the benchmark's shape and
   asynchronous product: a write to one of its A registers, or any use of its accumulator registers. Every
   backward branch is followed once. A static check of the listing: evidence, not proof.
 With --compile-only no GPU is needed: launches become compile-only warm-ups for sm_90a (this replaces
-triton's active driver; written against triton 3.6). Writes <out>/wgmma_operands.json and .md.
+triton's active driver; written against triton 3.6), and the launch rules that depend on the number of
+multiprocessors see an H100's 132, so the few-heads paths compile as on that card. Writes
+<out>/wgmma_operands.json and .md.
 Usage: python benchmarks/wgmma_operands.py [--out DIR] [--base COMMIT|DIR] [--compile-only]
        (base: another tree's kernels, as bench_vs_commit.py imports them; default: the installed ones)
 """
@@ -142,6 +144,16 @@ def compile_only() -> None:
     jit.JITFunction.run = lambda self, *a, grid, warmup, **kw: run(self, *a, grid=grid, warmup=True, **kw)
 
 
+def follow_launch_rules_of_gpu(kernels, multiprocessors: int = 132) -> None:
+    """Off CUDA `fills_device` says yes at every size (the interpreter's rule), so CPU launches never pick the
+    tiles and paths meant for few programs; make the kernel modules answer as a GPU with this many SMs."""
+    import importlib
+
+    for name in ("chunk_output", "chunk_states"):
+        module = importlib.import_module(f"{kernels.__name__}.{name}")
+        module.fills_device = lambda programs, device, per_sm: programs >= per_sm * multiprocessors
+
+
 def launch_all(kernels, device: str) -> None:
     """Forward, backward and decode at B=8 T=2048 H=16 and B=1 T=8192 H=4 (K = V = 128, bf16, 30 steps)."""
     import torch
@@ -190,6 +202,8 @@ def main() -> None:
         kernels = import_kernels_of(args.base, Path(tempfile.mkdtemp()))
     else:
         from mesa_compile.ops import kernels
+    if args.compile_only:
+        follow_launch_rules_of_gpu(kernels)
     launch_all(kernels, "cpu" if args.compile_only else "cuda")
     write(Path(args.out), scan_cache(cache),
           {"device": "sm_90a, compiled only" if args.compile_only else torch.cuda.get_device_name(),
