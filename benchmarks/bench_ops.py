@@ -4,6 +4,8 @@ Writes <out>/bench_ops.json and <out>/bench_ops.md (one process, card name, torc
 Ours: mesa_compile.ops.kernels.chunk_fwd / chunk_bwd on pre-normalised q, k. fla: chunk_mesa_net on
 the same pre-normalised q, k (use_qk_l2norm_in_kernel=False: kernels against kernels), and with its
 in-kernel L2-norm on raw q, k (as fla users call it); our op's L2-norm is an aten step, timed apart.
+"our op" is the public `mesa_net` in eager on raw q, k, as users call it: its aten L2-norm keeps q and k
+in fp32 (ops/reference.py), so its kernels read fp32 keys where the kernel rows read bf16 ones.
 Our kernels are called as the mesa:: ops call them in eager (no HOP dispatch per launch).
 Also: forward with early exit (cg_tol = 1e-4, at most 30 steps) and its mean CG steps, a breakdown
 of our forward and backward into kernels, and accuracy against the exact solve.
@@ -24,6 +26,7 @@ import triton
 from torch._library.triton import set_wrap_triton_enabled  # what torch.library.triton_op does in eager
 from triton.testing import do_bench
 
+from mesa_compile.ops import mesa_net
 from mesa_compile.ops import reference as ref
 from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
 from mesa_compile.ops.kernels.chunk_cg import chunk_len, launch_chunk_cg
@@ -139,6 +142,13 @@ def run(a):
 
             if tol == 0.0:
                 row["ours_fwdbwd_ms"] = ms(ours_fb)
+                row["op_fwd_ms"] = ms(lambda: mesa_net(q, k, v, g, beta, lamb, cg_steps=steps))
+                op_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, g, beta, lamb)]
+
+                def op_fb():
+                    mesa_net(*op_leaves, cg_steps=steps).o.backward(do)
+
+                row["op_fwdbwd_ms"] = ms(op_fb)
             if chunk_mesa_net is not None and tol == 0.0:
                 for tag, qq, kk, norm in (("", qn, kn, False), ("l2_", q, k, True)):
                     row[f"fla_{tag}fwd_ms"] = ms(lambda: chunk_mesa_net(qq, kk, v, g, beta, lamb, max_CG_iteration=steps,
@@ -196,12 +206,14 @@ def write(out, meta, rows, acc, parts):
     lines = [f"# bench_ops: {meta['card']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}",
              "", "times in ms (medians); fla on the same pre-normalised q, k, and fla+l2 with its in-kernel norm", "",
              "| B | T | H | D | CG | cg_tol | mean steps | ours fwd | fla fwd | fla+l2 fwd | ours fwd+bwd | fla fwd+bwd "
-             "| fla+l2 fwd+bwd | our l2norm |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fla+l2 fwd+bwd | our l2norm | our op fwd | our op fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r.get(c, NAN):.2f}" for c in ("ours_fwd_ms", "fla_fwd_ms", "fla_l2_fwd_ms", "ours_fwdbwd_ms",
                                                   "fla_fwdbwd_ms", "fla_l2_fwdbwd_ms")]
         lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['cg']} | {r['cg_tol']:g} | "
-                     f"{r['ours_mean_steps']:.1f} | " + " | ".join(cells) + f" | {r['l2norm_ms']:.3f} |")
+                     f"{r['ours_mean_steps']:.1f} | " + " | ".join(cells) + f" | {r['l2norm_ms']:.3f} | "
+                     f"{r.get('op_fwd_ms', NAN):.2f} | {r.get('op_fwdbwd_ms', NAN):.2f} |")
     for steps, p in parts.items():
         lines += ["", f"breakdown, first shape, {steps} CG steps (ms): "
                   + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in p.items() if k.endswith("_ms"))]
