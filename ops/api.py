@@ -60,6 +60,26 @@ def _prepare_qk(q: Tensor, k: Tensor, qk_l2norm: bool) -> tuple[Tensor, Tensor]:
     return q, k
 
 
+def _prepare_chunk_inputs(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, qk_l2norm: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(q, k, v, beta) as the chunk op takes them. With qk_l2norm only q is normalised: the keys' norm
+    is folded into the gates and values instead, ``beta k^ k^T = (beta s^-1) k k^T`` and
+    ``beta k^ v^T = (beta s^-1) k (s^1/2 v)^T`` with ``s = ||k||^2 + eps``, so the keys reach the kernels
+    in their own dtype.
+
+    NOTE: normalised keys rounded back to bf16 cost ~4e-3 in o (reference.l2_normalize). Kept in fp32
+    they make every product with a key a three-pass split product: the op's forward took 10.4 ms where
+    the kernels on bf16 keys took 4.1 and the aten norm 0.9 (H100, 30 steps, benchmarks/RESULTS.md,
+    nineteenth session). Raw bf16 keys are exact in the kernels' split dtype; the fp32 values and gates
+    carry the scale.
+    """
+    if not qk_l2norm:
+        return q, k, v, beta
+    sq_norm = k.to(torch.promote_types(k.dtype, torch.float32)).square().sum(-1) + reference.L2_NORM_EPS
+    return reference.l2_normalize(q), k, v * sq_norm.sqrt().unsqueeze(-1), beta / sq_norm
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """States are fp32 (fp64 when the caller works in fp64, e.g. for gradcheck)."""
     return torch.promote_types(dtype, torch.float32)
@@ -133,12 +153,14 @@ def mesa_net(
     else:
         h_kk, h_kv = _zero_state(n, H, K, V, q)
 
-    q, k = _prepare_qk(q, k, qk_l2norm)
+    out_dtype = v.dtype
+    q, k, v, beta = _prepare_chunk_inputs(q, k, v, beta, qk_l2norm)
     if index is not None:
         q, k, v, g, beta = (_pad_sequences(t, index, valid) for t in (q, k, v, g, beta))
     o, _, h_kk_end, h_kv_end, steps = torch.ops.mesa.chunk_fwd(
         q, k, v, g, beta, lamb, h_kk.contiguous(), h_kv.contiguous(), chunk_size, cg_steps, float(cg_tol)
     )
+    o = o.to(out_dtype)  # scaled values come back in their compute dtype; one rounding either way
     if index is not None:  # back to the packed layout (1, T, H, *)
         o, steps = o[valid][None], steps[valid][None]
     return MesaOutput(

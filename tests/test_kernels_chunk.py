@@ -445,6 +445,42 @@ def test_gpu_zero_steps_match_reference():
         assert rel(a, b) <= (4e-3 if name in ("dq", "dk", "dv") else 2e-3), (name, rel(a, b))
 
 
+def _public_op_on_raw_keys(device, B, T, H, K):
+    """mesa_net on raw (unnormalised) bf16 q, k with ill-conditioned keys (3 u + noise, one u per head,
+    g = logsigmoid(N(6, 1)), lamb = 0.25) against mesa_net_exact of the same bf16 inputs in fp64, which
+    normalises in fp64: o within 1e-3 of the exact o rounded to bf16; final states (fp32) within 1e-4 (keys
+    normalised and rounded to bf16 would leave ~2.5e-3, tests/test_ops_forward.py); gradients as in
+    test_gpu_bf16_gradients."""
+    from mesa_compile.ops import mesa_net
+
+    q = torch.randn(B, T, H, K, device=device)
+    k = 3 * torch.randn(1, 1, H, K, device=device) + torch.randn(B, T, H, K, device=device)
+    v = torch.randn(B, T, H, K, device=device)
+    q, k, v = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    g = F.logsigmoid(torch.randn(B, T, H, device=device) + 6.0).requires_grad_()
+    beta = torch.sigmoid(torch.randn(B, T, H, device=device)).requires_grad_()
+    lamb = torch.full((H, K), 0.25, device=device, requires_grad=True)
+    leaves = (q, k, v, g, beta, lamb)
+    out = mesa_net(*leaves, cg_steps=30, output_final_state=True)
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    exact = mesa_net_exact(*exact_leaves)
+    assert out.o.dtype == torch.bfloat16
+    assert rel(out.o, exact.o.to(torch.bfloat16)) <= 1e-3
+    assert rel(out.final_state.h_kk, exact.final_state.h_kk) <= 1e-4
+    assert rel(out.final_state.h_kv, exact.final_state.h_kv) <= 1e-4
+    do = torch.randn_like(out.o)
+    got = torch.autograd.grad(out.o, leaves, do)
+    want = torch.autograd.grad(exact.o, exact_leaves, do.double())
+    for name, a, b in zip(BWD_NAMES[:6], got, want):
+        assert rel(a, b) <= (3e-3 if name in ("dq", "dk", "dv") else 2e-3), (name, rel(a, b))
+
+
+@pytest.mark.gpu
+def test_gpu_public_op_on_raw_bf16_keys():
+    """The op folds the keys' norm into beta and v, so its kernels read the raw bf16 keys (ops/api.py)."""
+    _public_op_on_raw_keys("cuda", 1, 512, 2, 128)
+
+
 @pytest.mark.gpu
 def test_gpu_runs_repeat_bit_for_bit():
     """The kernels use no atomics and reduce in a fixed order, so repeated runs on the same inputs give the

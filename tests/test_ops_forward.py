@@ -5,6 +5,8 @@ import torch
 
 from conftest import mesa_inputs, random_state, rel_err
 from mesa_compile.ops import MesaState, mesa_net, mesa_net_exact, mesa_net_step
+from mesa_compile.ops.api import _prepare_chunk_inputs
+from mesa_compile.ops.reference import l2_normalize
 
 SHAPES = [  # (B, T, H, K, V): T=1, odd T (not a chunk multiple), V != K, odd batch and heads
     (1, 1, 2, 16, 16),
@@ -93,6 +95,25 @@ def test_low_precision_inputs_keep_fp32_states(dtype, tol):
     assert out.o.dtype == dtype and out.final_state.h_kk.dtype == torch.float32
     # o is rounded to the input dtype at the end: the error is that rounding (bf16 2^-8, fp16 2^-11).
     assert rel_err(out.o, ref.o) <= tol
+    # the states are not: normalised keys never pass through the input dtype (they would cost ~2^-8 here)
+    assert rel_err(out.final_state.h_kk, ref.final_state.h_kk) <= 1e-5
+    assert rel_err(out.final_state.h_kv, ref.final_state.h_kv) <= 1e-5
+
+
+def test_key_norm_is_folded_into_gates_and_values():
+    """With qk_l2norm the chunk op gets the raw keys; beta / s and v s^1/2 (s = ||k||^2 + eps) give the
+    outer products of the normalised keys, so the states and the solve are the same."""
+    q, k, v, g, beta, lamb = mesa_inputs(2, 9, 3, 16, 8)
+    k16 = k.to(torch.bfloat16)
+    q_in, k_in, v_in, beta_in = _prepare_chunk_inputs(q, k16, v.to(torch.bfloat16), beta, True)
+    assert k_in is k16 and v_in.dtype == beta_in.dtype == torch.float32
+    assert torch.equal(q_in, l2_normalize(q))
+    kn = l2_normalize(k16)
+    kk = torch.einsum("bth,bthi,bthj->bthij", beta_in, k16.float(), k16.float())
+    assert rel_err(kk, torch.einsum("bth,bthi,bthj->bthij", beta, kn, kn)) <= 1e-6
+    kv = torch.einsum("bth,bthi,bthj->bthij", beta_in, k16.float(), v_in)
+    assert rel_err(kv, torch.einsum("bth,bthi,bthj->bthij", beta, kn, v.to(torch.bfloat16).float())) <= 1e-6
+    assert _prepare_chunk_inputs(q, k, v, beta, False) == (q, k, v, beta)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
