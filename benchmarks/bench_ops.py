@@ -4,8 +4,8 @@ Writes <out>/bench_ops.json and <out>/bench_ops.md (one process, card name, torc
 Ours: mesa_compile.ops.kernels.chunk_fwd / chunk_bwd on pre-normalised q, k. fla: chunk_mesa_net on
 the same pre-normalised q, k (use_qk_l2norm_in_kernel=False: kernels against kernels), and with its
 in-kernel L2-norm on raw q, k (as fla users call it); our op's L2-norm is an aten step, timed apart.
-"our op" is the public `mesa_net` in eager on raw q, k, as users call it: its aten L2-norm keeps q and k
-in fp32 (ops/reference.py), so its kernels read fp32 keys where the kernel rows read bf16 ones.
+"our op" is the public `mesa_net` in eager on raw q, k, as users call it: it normalises q and folds the
+keys' norm into beta and v (ops/api.py), so its kernels read the raw keys and fp32 values.
 Our kernels are called as the mesa:: ops call them in eager (no HOP dispatch per launch).
 Also: forward with early exit (cg_tol = 1e-4, at most 30 steps) and its mean CG steps, a breakdown
 of our forward and backward into kernels, and accuracy against the exact solve.

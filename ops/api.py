@@ -76,7 +76,7 @@ def _prepare_chunk_inputs(
     """
     if not qk_l2norm:
         return q, k, v, beta
-    sq_norm = k.to(torch.promote_types(k.dtype, torch.float32)).square().sum(-1) + reference.L2_NORM_EPS
+    sq_norm = reference.squared_norm(k)
     return reference.l2_normalize(q), k, v * sq_norm.sqrt().unsqueeze(-1), beta / sq_norm
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "chunk_bwd",
     "decode_step",
     "l2_normalize",
+    "squared_norm",
 ]
 
 L2_NORM_EPS = 1e-6
@@ -40,7 +41,12 @@ def l2_normalize(x: Tensor) -> Tensor:
     relative error in o, four times the accuracy budget of the layer.
     """
     x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + L2_NORM_EPS)
+    return x * torch.rsqrt(squared_norm(x).unsqueeze(-1))
+
+
+def squared_norm(x: Tensor) -> Tensor:
+    """``sum x^2 + eps`` over the last dim in fp32 (at least): what ``l2_normalize`` divides by, squared."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)).square().sum(-1) + L2_NORM_EPS
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
