@@ -28,6 +28,7 @@ from triton.testing import do_bench
 
 from mesa_compile.ops import mesa_net
 from mesa_compile.ops import reference as ref
+from mesa_compile.ops.api import _prepare_chunk_inputs as prepare_chunk_inputs
 from mesa_compile.ops.kernels import chunk_bwd, chunk_fwd
 from mesa_compile.ops.kernels.chunk_cg import chunk_len, launch_chunk_cg
 from mesa_compile.ops.kernels.chunk_output import (adjoint_scans, chunk_readout, chunk_readout_adjoint,
@@ -166,6 +167,11 @@ def run(a):
         if (B, T, H, D) == shapes[0]:
             for steps in (30, 10):
                 parts[steps] = breakdown(qn, kn, v, g, beta, lamb, do, steps)
+                # what the op adds in eager around its kernels: q's norm and the keys' norm folded into
+                # beta and v before them, the fp32 o rounded to v's dtype after them
+                parts[steps]["op_prep_ms"] = ms(lambda: prepare_chunk_inputs(q, k, v, beta, True))
+                o32 = torch.empty(v.shape, device="cuda")
+                parts[steps]["op_o_cast_ms"] = ms(lambda: o32.to(v.dtype))
                 print(json.dumps(parts[steps]), flush=True)
             write(out, meta, rows, acc, parts)
     # accuracy vs the exact solve (random and ill-conditioned keys), bf16, 30 and 10 steps
