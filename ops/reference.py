@@ -40,13 +40,16 @@ def l2_normalize(x: Tensor) -> Tensor:
     NOTE: the result stays fp32 on purpose: rounding normalised bf16 keys back to bf16 costs ~4e-3
     relative error in o, four times the accuracy budget of the layer.
     """
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    return x * torch.rsqrt(squared_norm(x).unsqueeze(-1))
+    # x in its own dtype times an fp32 scale: eager reads x once and writes the fp32 result once
+    return x * torch.rsqrt(squared_norm(x)).unsqueeze(-1)
 
 
 def squared_norm(x: Tensor) -> Tensor:
     """``sum x^2 + eps`` over the last dim in fp32 (at least): what ``l2_normalize`` divides by, squared."""
-    return x.to(torch.promote_types(x.dtype, torch.float32)).square().sum(-1) + L2_NORM_EPS
+    # NOTE: vector_norm with an fp32 dtype accumulates a bf16 x in fp32 as it reads it, one pass over x;
+    # x.float().square().sum() made two fp32 copies of x first (eager). Its gradient at x = 0 is 0.
+    norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))
+    return norm.square() + L2_NORM_EPS
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:

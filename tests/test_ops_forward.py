@@ -6,7 +6,7 @@ import torch
 from conftest import mesa_inputs, random_state, rel_err
 from mesa_compile.ops import MesaState, mesa_net, mesa_net_exact, mesa_net_step
 from mesa_compile.ops.api import _prepare_chunk_inputs
-from mesa_compile.ops.reference import l2_normalize
+from mesa_compile.ops.reference import L2_NORM_EPS, l2_normalize, squared_norm
 
 SHAPES = [  # (B, T, H, K, V): T=1, odd T (not a chunk multiple), V != K, odd batch and heads
     (1, 1, 2, 16, 16),
@@ -114,6 +114,27 @@ def test_key_norm_is_folded_into_gates_and_values():
     kv = torch.einsum("bth,bthi,bthj->bthij", beta_in, k16.float(), v_in)
     assert rel_err(kv, torch.einsum("bth,bthi,bthj->bthij", beta, kn, v.to(torch.bfloat16).float())) <= 1e-6
     assert _prepare_chunk_inputs(q, k, v, beta, False) == (q, k, v, beta)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_l2_normalize_accumulates_in_fp32_and_is_safe_at_zero(dtype):
+    x = torch.randn(3, 5, 24, dtype=torch.float64) * 4.0
+    x[1, 2] = 0.0  # a padded token's key
+    xd = x.to(dtype)
+    want_sq = xd.double().square().sum(-1) + L2_NORM_EPS
+    out_dtype = torch.promote_types(dtype, torch.float32)
+    sq, xn = squared_norm(xd), l2_normalize(xd)
+    assert sq.dtype == xn.dtype == out_dtype
+    # fp32 accumulation of the input as given (no rounding of squares to the input dtype): ~1e-7
+    assert rel_err(sq, want_sq) <= (1e-12 if dtype == torch.float64 else 1e-6)
+    assert rel_err(xn, xd.double() / want_sq.sqrt()[..., None]) <= (1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_l2_normalize_gradient_including_a_zero_vector():
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    x[0, 1] = 0.0
+    assert torch.autograd.gradcheck(l2_normalize, (x.requires_grad_(),))
+    assert torch.autograd.gradcheck(squared_norm, (x,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
